@@ -1,0 +1,34 @@
+# The two commands a user needs: `make demo` and `make test`. Both create .venv from the lock file when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.clipcraft-installed
+
+.PHONY: demo test lint format venv lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/clipcraft demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(PY) -m pytest -q
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+# Re-pin every dependency after changing pyproject.toml (run inside a working .venv).
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable --exclude clipcraft | LC_ALL=C sort > requirements.lock
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
