@@ -27,7 +27,7 @@ format: $(STAMP)
 
 # Re-pin every dependency after changing pyproject.toml (run inside a working .venv).
 lock: $(STAMP)
-	$(PY) -m pip freeze --exclude-editable --exclude clipcraft | LC_ALL=C sort > requirements.lock
+	$(PY) -m pip freeze --all --exclude-editable --exclude clipcraft --exclude pip | LC_ALL=C sort > requirements.lock
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
