@@ -1,3 +1,35 @@
-"""clipcraft: train, evaluate and use CLIP models built from pretrained image and text towers."""
+"""clipcraft: train, evaluate and use CLIP models built from pretrained image and text towers.
+
+The public API is importable without the heavy dependencies: torch, timm and transformers load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = ["ClipModel", "ClipOutput", "ModelConfig", "create_model", "list_presets", "load", "__version__"]
+
+if TYPE_CHECKING:
+    from clipcraft.config import ModelConfig
+    from clipcraft.model import ClipModel, ClipOutput, create_model, load
+    from clipcraft.presets import list_presets
+
+_LAZY = {
+    "ClipModel": "clipcraft.model",
+    "ClipOutput": "clipcraft.model",
+    "create_model": "clipcraft.model",
+    "load": "clipcraft.model",
+    "ModelConfig": "clipcraft.config",
+    "list_presets": "clipcraft.presets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipcraft' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,158 @@
+"""Model configuration as plain dataclasses, with JSON/YAML in and out.
+
+A :class:`ModelConfig` fully describes a model: which towers, how they are built, how their inputs are
+preprocessed, and the heads on top. It is written next to every saved model (``config.json``) so a model
+reloads exactly as it was trained, with no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from clipcraft.errors import ClipcraftError
+
+T = TypeVar("T")
+
+
+@dataclass
+class PreprocessConfig:
+    """How raw images become the image tower's input (resolved from the timm checkpoint's data config)."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W) fed to the tower
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation of [0, 1] pixels
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"  # resize filter
+    crop_pct: float = 0.9  # eval: resize to size / crop_pct, then centre crop to size
+    crop_mode: str = "center"
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm image model used as a feature extractor (``num_classes=0``: pooled pre-logits features)."""
+
+    name: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k"  # timm model name, optionally with a tag
+    checkpoint: str | None = None  # local weights file used when pretrained weights are asked for
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model kwargs
+    preprocess: PreprocessConfig | None = None  # None: resolved from timm's data config at build time
+    lock: bool = False  # LiT: freeze the tower
+    unlocked_groups: int = 0  # with lock: leave the last N blocks (and what follows them) trainable
+    grad_checkpointing: bool = False  # trade compute for activation memory while training
+
+
+@dataclass
+class TextTowerConfig:
+    """A Hugging Face transformer plus pooling, with its tokenizer."""
+
+    name: str = "sentence-transformers/all-mpnet-base-v2"  # hub id or local directory
+    hf_config: dict[str, Any] | None = None  # architecture, to build without files; None: read from source
+    tokenizer: str | None = None  # tokenizer source: None = same as name; "bytes" = built-in byte tokenizer
+    pooling: str | None = None  # mean | cls | max; None: from a sentence-transformers dir, else mean
+    max_length: int | None = None  # tokens per caption (longer ones are truncated); None: from source
+    normalize_features: bool | None = None  # L2-normalise pooled features (sentence-transformers Normalize)
+    lowercase: bool | None = (
+        None  # lowercase captions before tokenizing (sentence-transformers do_lower_case)
+    )
+    lock: bool = False  # LiT: freeze the tower
+    unlocked_groups: int = 0  # with lock: leave the last N layers (and what follows them) trainable
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadConfig:
+    """Projection heads from each tower's features into the shared embedding space."""
+
+    kind: str = "mlp"  # linear (as CLIP) | mlp (Linear -> GELU -> Linear, dropout, residual, LayerNorm)
+    dropout: float = 0.1  # mlp only
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model: towers, heads, shared dimension and temperature."""
+
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    embed_dim: int = 512  # shared embedding dimension
+    init_logit_scale: float = math.log(1 / 0.07)  # log of the inverse temperature (CLIP's init)
+    max_logit_scale: float = math.log(100.0)  # clamp after every optimizer step
+    init_logit_bias: float = -10.0  # learnable bias for the sigmoid (SigLIP) loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return from_dict(cls, data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name.
+
+    Nested dataclass fields are built recursively; tuples are restored from JSON lists.
+    """
+    if not isinstance(data, dict):
+        raise ClipcraftError(f"Config section {where or cls.__name__!r} must be a mapping, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ClipcraftError(
+            f"Unknown config key(s) {unknown} in {where or cls.__name__}; known: {sorted(fields)}."
+        )
+    hints = _resolved_types(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        target = hints.get(name)
+        sub = _dataclass_in(target)
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(sub, value, f"{where}.{name}" if where else name)
+        elif isinstance(value, list) and "tuple" in str(target):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass inside ``X`` or ``X | None``, if any."""
+    import typing
+
+    if dataclasses.is_dataclass(annotation):
+        return annotation  # type: ignore[return-value]
+    for arg in typing.get_args(annotation):
+        if dataclasses.is_dataclass(arg):
+            return arg  # type: ignore[return-value]
+    return None
+
+
+def apply_overrides(config: T, overrides: dict[str, Any]) -> T:
+    """Return a copy of dataclass ``config`` with dotted-key overrides applied (``{"image.lock": True}``)."""
+    data = dataclasses.asdict(config)  # type: ignore[call-overload]
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+                if not isinstance(node[part], dict):
+                    raise ClipcraftError(f"Cannot set {key!r}: {part!r} is not a config section.")
+            node = node[part]
+        node[parts[-1]] = value
+    return from_dict(type(config), data)
