@@ -57,7 +57,7 @@ def test_clip_loss_matches_loop_reference():
     ours = _value_and_grads(lambda a, b, s: clip_loss(a.double(), b.double(), s), img, txt, scale)
     ref = _value_and_grads(reference_clip, img, txt, scale)
     # clip_loss computes in float32: compare at float32 precision
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
 
 
@@ -66,7 +66,7 @@ def test_siglip_loss_matches_loop_reference():
     scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
     ours = _value_and_grads(lambda a, b, s, c: siglip_loss(a, b, s, c), img, txt, scale, bias)
     ref = _value_and_grads(reference_siglip, img, txt, scale, bias)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
 
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipcraft.errors import ImageLoadError
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = Union[str, os.PathLike, Image.Image]  # noqa: UP007 (runtime alias, Python 3.10)
 
 # Images larger than this many pixels are refused as decompression bombs (PIL's own default warns at ~89M).
 MAX_IMAGE_PIXELS = 89_478_485
