@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ClipModel", "ClipOutput", "ModelConfig", "create_model", "list_presets", "load", "__version__"]
+__all__ = [
+    "ClipModel",
+    "ClipOutput",
+    "ModelConfig",
+    "create_model",
+    "list_presets",
+    "load",
+    "losses",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from clipcraft.config import ModelConfig
@@ -27,9 +36,11 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name == "losses":
+        return importlib.import_module("clipcraft.losses")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'clipcraft' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)

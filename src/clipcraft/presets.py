@@ -135,6 +135,7 @@ PRESETS: dict[str, Preset] = {
                         "depth": 2,
                         "num_heads": 2,
                         "mlp_ratio": 2.0,
+                        "global_pool": "avg",  # a random-init CLS token barely depends on the image
                     },
                 ),
                 text=TextTowerConfig(

@@ -64,7 +64,9 @@ def _lock(module: nn.Module, blocks_of: dict[str, int | None], unlocked: int) ->
             # before the first block: stem (frozen); after it: tail (trainable with any unlocked blocks)
             param.requires_grad_(unlocked > 0 and seen_block)
     frozen: list[nn.Module] = []
-    for _, sub in module.named_modules():
+    for name, sub in module.named_modules():
+        if not name:  # the tower itself: handled by _Lockable.train
+            continue
         params = list(sub.parameters())
         if params and not any(p.requires_grad for p in params):
             frozen.append(sub)
@@ -83,7 +85,7 @@ class _Lockable(nn.Module):
         return not any(p.requires_grad for p in self.parameters())
 
     def train(self, mode: bool = True) -> _Lockable:
-        super().train(mode)
+        super().train(mode and not (self._frozen and self.fully_locked))
         for sub in self._frozen:
             sub.eval()
         return self

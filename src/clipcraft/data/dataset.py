@@ -96,7 +96,7 @@ class CaptionDataset(Dataset):
         return decode_image(self.records[index].image)
 
     def __getitem__(self, key: int | tuple[int, int]) -> CaptionItem | BadItem:
-        index, caption_index = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        index, caption_index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
         record = self.records[index]
         self.load_report.seen()
         try:

@@ -1,0 +1,55 @@
+"""The CLI is a thin main(argv) -> int, tested in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipcraft.cli import build_parser, main
+
+
+def test_help_lists_the_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for command in ("presets", "create", "embed", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["presets", "create", "embed", "demo"])
+def test_every_subcommand_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "Example" in capsys.readouterr().out
+
+
+def test_presets_table(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_base_patch16_224.augreg2_in21k_ft_in1k + sentence-transformers/all-mpnet-base-v2" in out
+
+
+def test_create_then_embed(tmp_path, capsys, rgb_images):
+    assert main(["create", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    image_path = tmp_path / "x.png"
+    rgb_images[0].save(image_path)
+    assert main(["embed", "--model", str(tmp_path / "m"), str(image_path), "--out", str(tmp_path / "e.npy")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (1, 16)
+    assert main(["embed", "--model", str(tmp_path / "m"), "--text", "a dog", "--text", "a cat"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert len(printed) == 2 and len(printed[0].split()) == 16
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["create", "--preset", "seeed", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipcraft: error: Unknown preset 'seeed'. Did you mean 'seed'?")
+    assert main(["embed", "--model", str(tmp_path / "nothing"), "--text", "x"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_demo_smoke_run_learns_and_reloads(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "run"), "--steps", "25"]) == 0
+    out = capsys.readouterr().out
+    assert "bit-identical: True" in out
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -1,0 +1,195 @@
+"""Towers: real MiniLM parity with sentence-transformers, the seed architecture offline, pooling, locking."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clipcraft import create_model
+from clipcraft.config import ImageTowerConfig, TextTowerConfig
+from clipcraft.errors import ClipcraftError, PretrainedWeightsError, UnknownNameError
+from clipcraft.towers import ImageTower, TextTower, pool, read_sentence_transformers_dir
+
+SENTENCES = [
+    "A dog runs across the grass.",
+    "Two children, one in red, play on a beach at sunset.",
+    "",
+    "word " * 600,  # longer than max_seq_length: truncated by both
+    "Ünïcödé and emoji 🐕 are fine too",
+]
+
+
+def test_minilm_text_tower_matches_sentence_transformers(minilm_dir):
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(str(minilm_dir), device="cpu").encode(SENTENCES, convert_to_numpy=True)
+    model = create_model("minilm-vit-tiny")
+    ours = model.encode_texts(SENTENCES, project=False, normalize=False)
+    assert ours.shape == (len(SENTENCES), 384)
+    cos = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() >= 0.9999, cos
+    # the sentence-transformers directory's settings were honoured, not defaults
+    assert model.config.text.pooling == "mean"
+    assert model.config.text.max_length == 256
+    assert model.config.text.normalize_features is True
+
+
+@pytest.mark.slow
+def test_seed_preset_builds_offline_with_the_published_shapes():
+    model = create_model("seed", pretrained=False)
+    image_params = sum(p.numel() for p in model.image_tower.parameters())
+    text_params = sum(p.numel() for p in model.text_tower.parameters())
+    assert round(image_params / 1e6, 1) == 85.8
+    assert model.image_tower.num_features == 768
+    assert 108e6 < text_params < 110e6
+    assert model.text_tower.num_features == 768
+    assert model.image_head.proj.out_features == 512 and model.text_head.proj.out_features == 512
+    pre = model.config.image.preprocess
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+    assert pre.input_size == (3, 224, 224) and pre.interpolation == "bicubic"
+    # pooled features, never the 1000-class logits
+    with torch.no_grad():
+        features = model.image_tower(torch.zeros(1, 3, 224, 224))
+    assert features.shape == (1, 768)
+    assert not any(n == "head.weight" for n, _ in model.image_tower.trunk.named_parameters())
+
+
+def test_image_tower_gives_pooled_features_and_its_own_data_config():
+    tower = ImageTower(
+        ImageTowerConfig(name="resnet18", model_kwargs={"layers": [1, 1, 1, 1]}), pretrained=False
+    )
+    assert tower.num_features == 512
+    assert tower(torch.zeros(2, 3, 64, 64)).shape == (2, 512)
+    # resnet18's checkpoint config uses the ImageNet constants, not 0.5: it comes from timm, not from us
+    assert tower.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_unknown_image_tower_lists_close_names():
+    with pytest.raises(UnknownNameError, match="vit_base_patch16_224"):
+        ImageTower(ImageTowerConfig(name="vit_base_patch16_22"))
+
+
+def test_unknown_text_tower_without_files_lists_known_names():
+    with pytest.raises(UnknownNameError, match="all-mpnet-base-v2"):
+        TextTower(TextTowerConfig(name="sentence-transformers/all-mpnet-base"), pretrained=False)
+
+
+def test_pretrained_weights_that_cannot_be_fetched_raise_not_fall_back():
+    with pytest.raises(PretrainedWeightsError, match="local"):
+        create_model("tiny", pretrained=True)
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        create_model("tiny", image_checkpoint="/nonexistent/weights.safetensors")
+
+
+def test_image_tower_loads_a_local_checkpoint_file(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = create_model("tiny")
+    trunk_state = {k: v.contiguous() for k, v in source.image_tower.trunk.state_dict().items()}
+    save_file(trunk_state, str(tmp_path / "vit.safetensors"))
+    torch.manual_seed(2)  # a different random init, so equality can only come from the file
+    loaded = create_model("tiny", image_checkpoint=str(tmp_path / "vit.safetensors"))
+    for name, value in loaded.image_tower.trunk.state_dict().items():
+        assert torch.equal(value, trunk_state[name]), name
+
+
+def test_pooling_modes_on_a_hand_made_batch():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [100.0, 100.0]]])  # (1, 3, 2); last token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert pool(hidden, mask, "mean").tolist() == [[2.0, 4.0]]
+    assert pool(hidden, mask, "cls").tolist() == [[1.0, 2.0]]
+    assert pool(hidden, mask, "max").tolist() == [[3.0, 6.0]]
+    with pytest.raises(KeyError):
+        pool(hidden, mask, "weighted")
+
+
+def _st_dir(tmp_path, pooling: str, extra_module: str | None = None):
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if extra_module:
+        modules.append({"idx": 2, "name": "2", "path": "2_X", "type": f"sentence_transformers.models.{extra_module}"})
+    (tmp_path / "1_Pooling").mkdir()
+    flags = {f"pooling_mode_{m}": m.startswith(pooling) for m in ("cls_token", "mean_tokens", "max_tokens")}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 8, **flags}))
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 77, "do_lower_case": True}))
+    return tmp_path
+
+
+def test_sentence_transformers_settings_are_read(tmp_path):
+    settings = read_sentence_transformers_dir(_st_dir(tmp_path, "cls", "Normalize"))
+    assert settings == {"pooling": "cls", "normalize_features": True, "max_length": 77, "lowercase": True}
+
+
+def test_unsupported_sentence_transformers_module_is_an_error(tmp_path):
+    with pytest.raises(ClipcraftError, match="Dense"):
+        read_sentence_transformers_dir(_st_dir(tmp_path, "mean", "Dense"))
+
+
+def test_minilm_weights_are_checked_against_the_published_sha256(minilm_dir, monkeypatch):
+    from clipcraft import towers
+
+    monkeypatch.setattr(towers, "MINILM_SHA256", "0" * 64)
+    with pytest.raises(PretrainedWeightsError, match="sha256"):
+        towers.resolve_text_source(towers.MINILM_HUB_ID)
+
+
+def test_long_captions_are_truncated_to_max_length(tiny_model):
+    tokens = tiny_model.tokenize(["x" * 1000, "short"])
+    assert tokens["input_ids"].shape == (2, tiny_model.config.text.max_length)
+    assert tokens["attention_mask"][1].sum() == len("short") + 2  # bytes + [CLS] + [SEP]
+
+
+# -- locking ---------------------------------------------------------------------------------------------------
+
+
+def _backward(model):
+    images = torch.randn(2, 3, 32, 32)
+    tokens = model.tokenize(["a red circle", "a blue square"])
+    out = model(images, tokens)
+    (out.image_embeddings.sum() + out.text_embeddings.sum()).backward()
+
+
+def test_fully_locked_towers_get_no_gradient_and_stay_in_eval_mode():
+    model = create_model("tiny", overrides={"image.lock": True, "text.lock": True, "head.dropout": 0.1})
+    model.train()
+    assert not model.image_tower.training and not model.text_tower.training
+    assert all(not m.training for m in model.image_tower.modules())
+    assert model.image_head.training  # heads still train
+    _backward(model)
+    assert all(p.grad is None for p in model.image_tower.parameters())
+    assert all(p.grad is None for p in model.text_tower.parameters())
+    assert model.image_head.proj.weight.grad is not None
+
+
+def test_partial_lock_leaves_the_last_blocks_trainable():
+    model = create_model(
+        "tiny",
+        overrides={"image.lock": True, "image.unlocked_groups": 1, "text.lock": True, "text.unlocked_groups": 1},
+    )
+    model.train()
+    trunk = model.image_tower.trunk
+    assert not trunk.patch_embed.proj.weight.requires_grad
+    assert not any(p.requires_grad for p in trunk.blocks[0].parameters())
+    assert all(p.requires_grad for p in trunk.blocks[1].parameters())
+    tail = [p for m in (trunk.norm, trunk.fc_norm) for p in m.parameters()]  # after the last block
+    assert tail and all(p.requires_grad for p in tail)  # trains with the unlocked blocks
+    assert not trunk.blocks[0].training and trunk.blocks[1].training
+    bert = model.text_tower.model
+    assert not any(p.requires_grad for p in bert.embeddings.parameters())
+    assert not any(p.requires_grad for p in bert.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in bert.encoder.layer[1].parameters())
+    _backward(model)
+    assert trunk.blocks[0].attn.qkv.weight.grad is None
+    assert trunk.blocks[1].attn.qkv.weight.grad is not None
+    assert bert.encoder.layer[1].attention.self.query.weight.grad is not None
+
+
+def test_unlocking_more_blocks_than_exist_is_an_error():
+    with pytest.raises(ClipcraftError, match="only 2 blocks"):
+        create_model("tiny", overrides={"image.lock": True, "image.unlocked_groups": 3})
