@@ -33,7 +33,10 @@ def test_create_then_embed(tmp_path, capsys, rgb_images):
     assert main(["create", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
     image_path = tmp_path / "x.png"
     rgb_images[0].save(image_path)
-    assert main(["embed", "--model", str(tmp_path / "m"), str(image_path), "--out", str(tmp_path / "e.npy")]) == 0
+    assert (
+        main(["embed", "--model", str(tmp_path / "m"), str(image_path), "--out", str(tmp_path / "e.npy")])
+        == 0
+    )
     assert np.load(tmp_path / "e.npy").shape == (1, 16)
     assert main(["embed", "--model", str(tmp_path / "m"), "--text", "a dog", "--text", "a cat"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-2:]

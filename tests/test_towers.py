@@ -112,12 +112,16 @@ def _st_dir(tmp_path, pooling: str, extra_module: str | None = None):
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
     if extra_module:
-        modules.append({"idx": 2, "name": "2", "path": "2_X", "type": f"sentence_transformers.models.{extra_module}"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_X", "type": f"sentence_transformers.models.{extra_module}"}
+        )
     (tmp_path / "1_Pooling").mkdir()
     flags = {f"pooling_mode_{m}": m.startswith(pooling) for m in ("cls_token", "mean_tokens", "max_tokens")}
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 8, **flags}))
     (tmp_path / "modules.json").write_text(json.dumps(modules))
-    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 77, "do_lower_case": True}))
+    (tmp_path / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 77, "do_lower_case": True})
+    )
     return tmp_path
 
 
@@ -170,7 +174,12 @@ def test_fully_locked_towers_get_no_gradient_and_stay_in_eval_mode():
 def test_partial_lock_leaves_the_last_blocks_trainable():
     model = create_model(
         "tiny",
-        overrides={"image.lock": True, "image.unlocked_groups": 1, "text.lock": True, "text.unlocked_groups": 1},
+        overrides={
+            "image.lock": True,
+            "image.unlocked_groups": 1,
+            "text.lock": True,
+            "text.unlocked_groups": 1,
+        },
     )
     model.train()
     trunk = model.image_tower.trunk
