@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/clipcraft demo
 
 test: $(STAMP)
+	@bash scripts/ensure-browser
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(PY) -m pytest -q

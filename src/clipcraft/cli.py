@@ -11,6 +11,11 @@ from clipcraft import __version__
 from clipcraft.errors import ClipcraftError
 
 
+# Feature packages add their own subcommands: each module has ``register(subparsers, formatter_class)``, which
+# must stay light (no torch, FAISS or web imports at registration; import inside the command function).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -133,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--steps", type=int, default=60, help="training steps")
     p.set_defaults(func=_cmd_demo)
+
+    for module_name in COMMAND_MODULES:
+        import importlib
+
+        importlib.import_module(module_name).register(sub, _Formatter)
     return parser
 
 
