@@ -80,8 +80,12 @@ def test_plot_rejects_mismatched_names_before_needing_matplotlib(tmp_path: Path)
         plot_confusion_matrix(np.eye(3), ["a", "b"], tmp_path / "cm.png")
 
 
-@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed")
-def test_plot_without_matplotlib_names_the_install(tmp_path: Path) -> None:
+def test_plot_without_matplotlib_names_the_install(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(ClipcraftError, match="pip install matplotlib"):
         plot_confusion_matrix(np.eye(2), ["a", "b"], tmp_path / "cm.png")
 

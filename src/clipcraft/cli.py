@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from clipcraft import __version__
 from clipcraft.errors import ClipcraftError
 
-
 # Feature packages add their own subcommands: each module has ``register(subparsers, formatter_class)``, which
 # must stay light (no torch, FAISS or web imports at registration; import inside the command function).
 COMMAND_MODULES: tuple[str, ...] = ()
