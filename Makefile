@@ -18,13 +18,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@bash scripts/ensure-browser
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests $(wildcard bench)
+	$(VENV)/bin/ruff format --check src tests $(wildcard bench)
 	$(PY) -m pytest -q
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix src tests bench
-	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests $(wildcard bench)
+	$(VENV)/bin/ruff format src tests $(wildcard bench)
 
 # Re-pin every dependency after changing pyproject.toml (run inside a working .venv).
 lock: $(STAMP)
