@@ -12,7 +12,11 @@ from clipcraft.errors import ClipcraftError
 
 # Feature packages add their own subcommands: each module has ``register(subparsers, formatter_class)``, which
 # must stay light (no torch, FAISS or web imports at registration; import inside the command function).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "clipcraft.train.commands",
+    "clipcraft.search.commands",
+    "clipcraft.evaluation.commands",
+)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

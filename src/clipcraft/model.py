@@ -304,16 +304,25 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     return ModelConfig.from_dict(meta["model"])
 
 
-def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ClipModel:
+def load(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+) -> ClipModel:
     """Rebuild a model saved with :meth:`ClipModel.save`, with no network access.
 
     Checks the weights against the architecture and raises :class:`~clipcraft.errors.CheckpointError`
-    listing missing, unexpected and mis-shaped keys. The model is returned in eval mode.
+    listing missing, unexpected and mis-shaped keys. ``overrides`` change settings that do not change the
+    weights (e.g. ``{"image.lock": True}`` to fine-tune with a locked image tower). Returned in eval mode.
     """
     from safetensors.torch import load_file
 
+    from clipcraft.config import apply_overrides
+
     root = Path(path)
     config = read_config(root)
+    if overrides:
+        config = apply_overrides(config, dict(overrides))
     weights = root / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{root} has no {WEIGHTS_FILE}.")

@@ -7,6 +7,7 @@ preprocessing: the image tower its timm data config, the text tower its tokenize
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from clipcraft.config import ImageTowerConfig, PreprocessConfig, TextTowerConfig
 from clipcraft.errors import ClipcraftError, PretrainedWeightsError, unknown_name
@@ -28,6 +31,146 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 POOLING_MODES = ("mean", "cls", "max")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bf16 autocast on CPUs without bf16 matrix units
+#
+# On an AVX2-only CPU (no AVX512-BF16, no AMX) oneDNN's bf16 matrix kernels are emulated and run 5-30x slower
+# than its float32 ones (measured on the 2-core AMD EPYC of BENCHMARKS.md: a ViT-B/16 step in bf16 takes 10x
+# the float32 time, nearly all in the backward ``mm``). There the towers run each matrix product as a float32
+# kernel on bf16-rounded operands: bf16 x bf16 products are exact in float32 and both kernels accumulate in
+# float32, so this is the same arithmetic as autocast's bf16 kernel up to summation order. Outputs and
+# gradients are rounded to bf16 as autocast's would be, and what is kept for backward stays bf16, so memory
+# does not grow. Parity: tests/test_speed_bf16.py.
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _bf16(t: Tensor) -> Tensor:
+    return t.to(torch.bfloat16)
+
+
+def _fp32_of_bf16(t: Tensor) -> Tensor:
+    """``t`` rounded to bf16, held in float32 (the float32 kernels' operand)."""
+    return t.to(torch.bfloat16).float()
+
+
+def _back(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float32 gradient rounded to bf16 (as the bf16 kernel's would be), in the input's dtype."""
+    return grad.to(torch.bfloat16).to(dtype)
+
+
+class _LinearViaFp32(torch.autograd.Function):
+    """``F.linear`` under bf16 autocast, computed by float32 kernels; saves the bf16 operands only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        with torch.autocast("cpu", enabled=False):
+            xb, wb = _bf16(x), _bf16(weight)
+            b32 = None if bias is None else _fp32_of_bf16(bias)
+            out = F.linear(xb.float(), wb.float(), b32)  # (..., out)
+        ctx.save_for_backward(xb, wb)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return _bf16(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        xb, wb = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.float()  # (..., out)
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        grad_x = _back(g @ wb.float(), x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (
+            _back(g2.T @ xb.reshape(-1, xb.shape[-1]).float(), w_dtype) if ctx.needs_input_grad[1] else None
+        )
+        grad_b = _back(g2.sum(0), b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class _AttentionViaFp32(torch.autograd.Function):
+    """Unmasked, dropout-free ``F.scaled_dot_product_attention`` on bf16 (B, H, L, E) inputs, computed by the
+    float32 flash-attention kernels; saves the bf16 inputs and output and the float32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+        with torch.autocast("cpu", enabled=False):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.float(), k.float(), v.float(), 0.0, False, scale=scale
+            )
+        out = _bf16(out)  # (B, H, L, E)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, scale=ctx.scale
+        )
+        return _back(grads[0], q.dtype), _back(grads[1], k.dtype), _back(grads[2], v.dtype), None
+
+
+def _float_operands(*tensors: Tensor | None) -> bool:
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)) for t in tensors
+    )
+
+
+class Bf16ViaFp32(TorchFunctionMode):
+    """While active under CPU bf16 autocast, runs linear layers, attention and 2-D convolutions as float32
+    kernels on bf16-rounded operands (see the note above); other calls, and everything outside bf16
+    autocast, pass through unchanged."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not _cpu_bf16_autocast():
+            return func(*args, **kwargs)
+        if func is F.linear:
+            x, weight, bias = _bind(args, kwargs, {"input": None, "weight": None, "bias": None})
+            if _float_operands(x, weight, bias):
+                return _LinearViaFp32.apply(x, weight, bias)
+        elif func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            plain = len(args) == 3 and set(kwargs) <= {"scale", "dropout_p", "is_causal", "attn_mask"}
+            plain = plain and kwargs.get("attn_mask") is None and not kwargs.get("is_causal", False)
+            plain = plain and kwargs.get("dropout_p", 0.0) == 0.0
+            bf16_qkv = all(
+                t.dtype == torch.bfloat16 and t.dim() == 4 and t.device.type == "cpu" for t in (q, k, v)
+            )
+            if plain and bf16_qkv and q.shape == k.shape == v.shape:
+                return _AttentionViaFp32.apply(q, k, v, kwargs.get("scale"))
+        elif func is F.conv2d:
+            conv_defaults = {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0}
+            conv_defaults.update(dilation=1, groups=1)
+            x, weight, bias, *rest = _bind(args, kwargs, conv_defaults)
+            if _float_operands(x, weight, bias):
+                with torch.autocast("cpu", enabled=False):
+                    b32 = None if bias is None else _fp32_of_bf16(bias)
+                    return _bf16(F.conv2d(_fp32_of_bf16(x), _fp32_of_bf16(weight), b32, *rest))
+        return func(*args, **kwargs)
+
+
+def _bind(args: Sequence[Any], kwargs: dict[str, Any], defaults: dict[str, Any]) -> list[Any]:
+    """Positional + keyword arguments -> values in ``defaults`` order, missing ones from ``defaults``."""
+    names = list(defaults)
+    return list(args) + [kwargs.get(n, defaults[n]) for n in names[len(args) :]]
+
+
+def matmul_precision_context() -> contextlib.AbstractContextManager[Any]:
+    """:class:`Bf16ViaFp32` when CPU bf16 autocast is on and the CPU has no bf16 matrix units, else nothing."""
+    if _cpu_bf16_autocast() and not cpu_has_native_bf16():
+        return Bf16ViaFp32()
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,7 +287,7 @@ class ImageTower(_Lockable):
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalised pixels -> (B, num_features) pooled features."""
         ctx = torch.no_grad() if self.fully_locked else contextlib.nullcontext()
-        with ctx:
+        with ctx, matmul_precision_context():
             return self.trunk(images)
 
     def transform(self, train: bool = False) -> Any:
@@ -460,7 +603,7 @@ class TextTower(_Lockable):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) token ids and mask -> (B, hidden_size) pooled features."""
         ctx = torch.no_grad() if self.fully_locked else contextlib.nullcontext()
-        with ctx:
+        with ctx, matmul_precision_context():
             hidden = self.model(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state  # (B, L, H)

@@ -1,0 +1,392 @@
+"""Search benchmarks: nearest-neighbour indexes, embedding throughput of `index build`, web API under load.
+
+Prints tables and writes bench/results/search.json (or search-quick.json with --quick). Sections:
+
+* ann: build time, index memory, single-query latency p50/p99 and recall@10 against exact search, for the
+  model's own embeddings of the Flickr8k images and for synthetic sets made like them (unit vectors from a
+  mixture of many clusters in a low-dimensional subspace) of 10k, 100k and 1M vectors, 512-d.
+* embed: images/s of the index build's embedding loop with the seed architecture (random weights) against
+  open_clip's ``encode_image`` on the same timm trunk, same batch, same run; and the loader alone.
+* load: 8 clients hitting the web API for a fixed time on localhost.
+
+Usage:
+    .venv/bin/python bench/bench_search.py            # everything (about 15 minutes on 2 CPU cores)
+    .venv/bin/python bench/bench_search.py --quick    # small sizes, a few seconds per section
+    .venv/bin/python bench/bench_search.py --only ann --sizes 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
+RESULTS = ROOT / "bench" / "results"
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1000.0, q))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def synthetic(
+    n: int, d: int = 512, subspace: int = 64, clusters: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """Unit float32 vectors from a mixture of many clusters in a random ``subspace``-dim subspace of R^d.
+
+    Cluster sizes vary (Zipf-like weights) and each cluster has its own spread, so neighbourhoods are uneven
+    as in real embeddings; a small isotropic component keeps every vector full-rank.
+    """
+    rng = np.random.default_rng(seed)
+    clusters = clusters or max(10, n // 200)
+    basis = np.linalg.qr(rng.normal(size=(d, subspace)))[0].T.astype(np.float32)  # (S, D)
+    centers = rng.normal(size=(clusters, subspace)).astype(np.float32)
+    weights = 1.0 / np.arange(1, clusters + 1) ** 0.5
+    spread = rng.uniform(0.25, 0.6, clusters).astype(np.float32)
+    out = np.empty((n, d), dtype=np.float32)
+    step = 200_000
+    for start in range(0, n, step):
+        m = min(step, n - start)
+        c = rng.choice(clusters, m, p=weights / weights.sum())
+        z = centers[c] + spread[c, None] * rng.normal(size=(m, subspace)).astype(np.float32)
+        x = z @ basis + 0.03 * rng.normal(size=(m, d)).astype(np.float32)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def flickr_embeddings(limit: int | None, workers: int) -> np.ndarray:
+    """The tiny preset (random weights, 512-d head) embedding the Flickr8k images through the index builder."""
+    import torch
+
+    from clipcraft import create_model
+    from clipcraft.search.collection import scan_images
+    from clipcraft.search.embed import iter_embeddings
+
+    torch.manual_seed(0)
+    model = create_model("tiny", overrides={"embed_dim": 512}).eval()
+    paths = [str(FLICKR / e.path) for e in scan_images(FLICKR)][:limit]
+    rows = [b.embeddings for b in iter_embeddings(model, paths, batch_size=256, workers=workers)]
+    return np.concatenate(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ANN
+
+
+def bench_ann(
+    name: str, data: np.ndarray, kinds: list[str], n_queries: int, n_latency: int
+) -> list[dict[str, Any]]:
+    """Index ``data`` minus held-out queries with each kind; recall@10 against exact search on the same set."""
+    import faiss
+
+    from clipcraft.search.ann import IndexConfig, build_faiss
+
+    rng = np.random.default_rng(1)
+    held = rng.choice(data.shape[0], n_queries, replace=False)
+    mask = np.ones(data.shape[0], bool)
+    mask[held] = False
+    queries, x = data[held], np.ascontiguousarray(data[mask])
+    rows = []
+    truth = None
+    for kind in kinds:
+        t0 = time.perf_counter()
+        index, info = build_faiss(x, IndexConfig(kind=kind))
+        build_s = time.perf_counter() - t0
+        memory = int(faiss.serialize_index(index).nbytes)
+        if truth is None:  # exact answers, batched
+            flat = faiss.IndexFlatIP(x.shape[1])
+            flat.add(x)
+            _, truth = flat.search(queries, 10)
+            del flat
+        _, found = index.search(queries, 10)
+        from clipcraft.search.ann import recall_at_k
+
+        recall = recall_at_k(found, truth)
+        # Single queries run on one FAISS thread: OpenMP start-up costs more than it saves for one query,
+        # and a server handles concurrent queries on the other cores.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        lat = []
+        for q in queries[:n_latency]:
+            t = time.perf_counter()
+            index.search(q[None, :], 10)
+            lat.append(time.perf_counter() - t)
+        faiss.omp_set_num_threads(threads)
+        row = {
+            "dataset": name,
+            "n": int(x.shape[0]),
+            "dim": int(x.shape[1]),
+            "kind": info["kind"],
+            "params": {k: v for k, v in info.items() if k in ("nlist", "nprobe", "M", "ef_search")},
+            "build_s": round(build_s, 2),
+            "index_mb": round(memory / 2**20, 1),
+            "p50_ms": round(percentile_ms(lat, 50), 3),
+            "p99_ms": round(percentile_ms(lat, 99), 3),
+            "recall_at_10": round(recall, 4),
+            "queries": int(len(queries)),
+            "latency_queries": len(lat),
+            "faiss_threads_single_query": 1,
+        }
+        print(
+            f"{name:>16} {row['n']:>8} {row['kind']:>5} {json.dumps(row['params']):<28} build {build_s:7.2f} s  "
+            f"{row['index_mb']:8.1f} MB  p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
+            f"recall@10 {recall:.4f}",
+            flush=True,
+        )
+        rows.append(row)
+        del index
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding throughput
+
+
+def bench_embed(n_images: int, batch_size: int, workers: int) -> dict[str, Any]:
+    """Seed architecture, random weights: our index-build loop vs open_clip encode_image, same batches."""
+    import open_clip
+    import torch
+
+    from clipcraft import create_model
+    from clipcraft.search.collection import scan_images
+    from clipcraft.search.embed import _collate, _Files, iter_embeddings, resolve_precision
+
+    paths = [str(FLICKR / e.path) for e in scan_images(FLICKR)][:n_images]
+    torch.manual_seed(0)
+    model = create_model("seed", pretrained=False).eval()
+    precision = resolve_precision("auto", model.device)
+    transform = model.image_transform(train=False)
+
+    # the loader alone: decode + resize + normalize, same workers and batch
+    loader = torch.utils.data.DataLoader(
+        _Files(paths, transform, (3, 224, 224)),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    t = time.perf_counter()
+    count = sum(len(b[0]) for b in loader)
+    loader_ips = count / (time.perf_counter() - t)
+
+    # ours: the index builder's embedding loop (loader workers + model); time per batch after the first
+    stamps = [time.perf_counter()]
+    for _ in iter_embeddings(model, paths, batch_size=batch_size, workers=workers, precision="auto"):
+        stamps.append(time.perf_counter())
+    per_batch = np.diff(stamps)[1:] if len(stamps) > 2 else np.diff(stamps)
+    ours_ips = batch_size / float(np.median(per_batch))
+
+    # open_clip on the same timm trunk (random weights), the same preprocessed batches, no loader cost
+    cfg = {
+        "embed_dim": 512,
+        "vision_cfg": {
+            "timm_model_name": "vit_base_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 1},
+    }
+    oc = open_clip.CLIP(**cfg).eval()
+    batches = [
+        torch.stack([transform(_load(p)) for p in paths[i : i + batch_size]])
+        for i in range(0, n_images, batch_size)
+    ]
+    times = []
+    with torch.no_grad():
+        for b in batches:
+            t = time.perf_counter()
+            oc.encode_image(b, normalize=True)
+            times.append(time.perf_counter() - t)
+    oc_ips = batch_size / float(np.median(times[1:] if len(times) > 1 else times))
+    result = {
+        "images": n_images,
+        "batch_size": batch_size,
+        "workers": workers,
+        "precision": precision,
+        "torch_threads": torch.get_num_threads(),
+        "loader_only_images_per_s": round(loader_ips, 2),
+        "index_build_images_per_s": round(ours_ips, 3),
+        "open_clip_encode_image_images_per_s": round(oc_ips, 3),
+        "speedup": round(ours_ips / oc_ips, 3),
+    }
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+def _load(path: str) -> Any:
+    from clipcraft.images import load_image
+
+    return load_image(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Web API under load
+
+
+def bench_load(seconds: float, clients: int, n_images: int) -> dict[str, Any]:
+    """``clients`` threads send text searches (and fetch the top image) for ``seconds`` each; bounded loops."""
+    import httpx
+    import torch
+    import uvicorn
+
+    from clipcraft import create_model
+    from clipcraft.search.index import build_index
+    from clipcraft.server.app import create_app
+
+    work = Path(tempfile.mkdtemp(prefix="clipcraft-bench-"))
+    try:
+        images = work / "images"
+        images.mkdir()
+        for e in sorted(os.listdir(FLICKR))[:n_images]:
+            os.symlink(FLICKR / e, images / e)
+        torch.manual_seed(0)
+        create_model("tiny").save(work / "model")
+        build_index(work / "model", images, work / "index", workers=1)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(work / "index"), host="127.0.0.1", port=port, log_level="error")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        words = ["dog", "a child playing", "two people on a beach", "a red car", "mountain", "a man in a hat"]
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        deadline = time.monotonic() + seconds
+
+        def client(i: int) -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                j = 0
+                while time.monotonic() < deadline:
+                    t = time.perf_counter()
+                    r = c.get("/api/search/text", params={"q": words[(i + j) % len(words)], "k": 10})
+                    ok = r.status_code == 200
+                    if ok:
+                        img = c.get(r.json()["results"][0]["url"])
+                        ok = img.status_code == 200
+                    elapsed = time.perf_counter() - t
+                    with lock:
+                        latencies.append(elapsed)
+                        if not ok:
+                            errors.append(f"{r.status_code}")
+                    j += 1
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t0
+        server.should_exit = True
+        thread.join(timeout=10)
+        result = {
+            "clients": clients,
+            "seconds": round(wall, 1),
+            "index_images": n_images,
+            "requests": len(latencies),
+            "throughput_per_s": round(len(latencies) / wall, 1),
+            "p50_ms": round(percentile_ms(latencies, 50), 1),
+            "p99_ms": round(percentile_ms(latencies, 99), 1),
+            "errors": len(errors),
+            "note": "one request = text search (k=10) + fetching the top image; tiny preset model",
+        }
+        print(json.dumps(result, indent=1), flush=True)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes and short runs (smoke test)")
+    parser.add_argument("--only", choices=["ann", "embed", "load"], action="append", help="run some sections")
+    parser.add_argument("--sizes", type=int, nargs="*", default=None, help="synthetic set sizes")
+    parser.add_argument("--workers", type=int, default=1, help="loader processes")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/search[-quick].json)")
+    args = parser.parse_args(argv)
+    sections = args.only or ["ann", "embed", "load"]
+    sizes = args.sizes or ([10_000] if args.quick else [10_000, 100_000, 1_000_000])
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "quick": args.quick,
+    }
+    try:
+        import faiss
+        import torch
+
+        results["machine"] |= {"torch": torch.__version__, "faiss": faiss.__version__}
+    except ImportError:
+        pass
+    out = Path(args.out) if args.out else RESULTS / ("search-quick.json" if args.quick else "search.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so a late failure keeps the earlier figures
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+    if "ann" in sections:
+        print("== nearest-neighbour search (single queries, k=10) ==", flush=True)
+        rows: list[dict[str, Any]] = []
+        if FLICKR.is_dir():
+            t = time.perf_counter()
+            real = flickr_embeddings(1000 if args.quick else None, args.workers)
+            print(f"embedded {len(real)} Flickr8k images in {time.perf_counter() - t:.1f} s", flush=True)
+            rows += bench_ann("flickr8k-tiny512", real, ["flat", "ivf", "hnsw"], 200, 200)
+        else:
+            print(f"(skipping real embeddings: {FLICKR} not found)")
+        for n in sizes:
+            n_queries = 1000 if n < 1_000_000 else 300  # held out of the index, used as queries
+            data = synthetic(n + n_queries)
+            kinds = ["flat", "ivf"] + (["hnsw"] if n <= 100_000 else [])  # HNSW at 1M takes >10 min here
+            rows += bench_ann("synthetic", data, kinds, n_queries, n_queries)
+            del data
+        results["ann"] = rows
+        save()
+    if "embed" in sections:
+        print("== embedding throughput (seed architecture, random weights) ==", flush=True)
+        if FLICKR.is_dir():
+            n = 16 if args.quick else 40
+            results["embed"] = bench_embed(n, 8, args.workers)
+            save()
+    if "load" in sections:
+        print("== web API under load ==", flush=True)
+        if FLICKR.is_dir():
+            results["load"] = bench_load(5 if args.quick else 30, 8, 200 if args.quick else 2000)
+    save()
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""CLI subcommands ``index build``, ``search`` and ``serve``.
+
+Registration is light: torch, FAISS and the web server are imported inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from clipcraft.errors import ClipcraftError
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from clipcraft.search.ann import IndexConfig
+    from clipcraft.search.index import build_index
+
+    config = IndexConfig(
+        kind=args.kind, exact_threshold=args.exact_threshold, target_recall=args.target_recall
+    )
+    report = build_index(
+        args.model,
+        args.images,
+        args.out,
+        captions=args.captions,
+        config=config,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        progress=not args.quiet,
+    )
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]], key: str) -> None:
+    if not rows:
+        print("(no results)")
+        return
+    print(f"{'rank':>4}  {'score':>7}  {key}")
+    for r in rows:
+        print(f"{r['rank']:>4}  {r['score']:>7.4f}  {r[key]}")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from clipcraft.search.index import Index
+
+    if (args.text is None) == (args.image is None):
+        raise ClipcraftError("Pass one query: --text TEXT or --image PATH.")
+    if args.k < 1:
+        raise ClipcraftError(f"-k must be >= 1, got {args.k}.")
+    if args.captions and args.image is None:
+        raise ClipcraftError("--captions searches captions by image: pass --image PATH.")
+    index = Index.load(args.index, model=args.model)
+    if args.captions:
+        hits = index.search_captions(args.image, args.k)
+        rows = [{"rank": i, "score": s, "caption": c} for i, (c, s) in enumerate(hits, start=1)]
+        key = "caption"
+    else:
+        hits = (
+            index.search_text(args.text, args.k)
+            if args.text is not None
+            else index.search_image(args.image, args.k)
+        )
+        rows = [{"rank": i, "score": s, "path": p} for i, (p, s) in enumerate(hits, start=1)]
+        key = "path"
+    if args.json:
+        for row in rows:
+            print(json.dumps({**row, "score": round(float(row["score"]), 6)}))
+    else:
+        _print_table(rows, key)
+    if args.grid:
+        if args.captions:
+            raise ClipcraftError("--grid draws image results; it cannot be combined with --captions.")
+        from clipcraft.search.sheet import result_sheet
+
+        query = args.text if args.text is not None else args.image
+        path = result_sheet(query, hits, args.grid, query_is_text=args.text is not None)
+        if not args.json:
+            print(f"Wrote {path}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from clipcraft.server.app import serve
+    except ImportError as exc:
+        raise ClipcraftError(
+            f"Serving needs the web extras ({exc.name} is missing): run `pip install 'clipcraft[server]'`."
+        ) from None
+
+    serve(args.index, host=args.host, port=args.port, model=args.model)
+    return 0
+
+
+def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> None:
+    """Add ``index``, ``search`` and ``serve`` to the ``clipcraft`` command line."""
+    p = subparsers.add_parser(
+        "index",
+        help="build a search index over an image folder",
+        epilog="Example:\n  clipcraft index build --model M --images photos/ --out photos.index",
+        formatter_class=formatter_class,
+    )
+    index_sub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    p.set_defaults(func=lambda _args: (p.print_help(), 0)[1])
+    b = index_sub.add_parser(
+        "build",
+        help="embed every image under a folder and write (or update) an index",
+        description="Embed every image under --images (recursively) and write the index to --out. Run it "
+        "again to update: only new or changed files are embedded, deleted ones are dropped, and an "
+        "interrupted build continues where it stopped.",
+        epilog="Examples:\n  clipcraft index build --model models/seed --images photos/ --out photos.index\n"
+        "  clipcraft index build --model M --images flickr8k/images --out f8k.index --captions captions.txt",
+        formatter_class=formatter_class,
+    )
+    b.add_argument("--model", required=True, help="saved model directory")
+    b.add_argument("--images", required=True, help="folder of images (walked recursively)")
+    b.add_argument("--out", required=True, help="index directory to write or update")
+    b.add_argument(
+        "--captions", default=None, help="text file (one caption a line) or CSV with a caption column"
+    )
+    b.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw"], default="auto", help="index type")
+    b.add_argument(
+        "--exact-threshold", type=int, default=50_000, help="auto: exact search below this many images"
+    )
+    b.add_argument(
+        "--target-recall", type=float, default=0.98, help="approximate: tune search effort to this recall@10"
+    )
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument(
+        "--workers", type=int, default=None, help="image loader processes (default: half the CPUs)"
+    )
+    b.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 where fast"
+    )
+    b.add_argument("--json", action="store_true", help="print the build report as JSON")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_index_build)
+
+    s = subparsers.add_parser(
+        "search",
+        help="search an index by text or by image",
+        epilog="Examples:\n"
+        '  clipcraft search photos.index --text "a dog on the grass" -k 5\n'
+        "  clipcraft search photos.index --image query.jpg --json\n"
+        '  clipcraft search photos.index --text "a red car" --grid results.png\n'
+        "  clipcraft search photos.index --image query.jpg --captions",
+        formatter_class=formatter_class,
+    )
+    s.add_argument("index", help="index directory (from `clipcraft index build`)")
+    s.add_argument("--text", default=None, help="text query")
+    s.add_argument("--image", default=None, help="image query (a file)")
+    s.add_argument("-k", type=int, default=10, help="number of results")
+    s.add_argument("--captions", action="store_true", help="image->text: rank the index's captions")
+    s.add_argument("--json", action="store_true", help="JSON lines: rank, score, path (or caption)")
+    s.add_argument("--grid", default=None, help="also write a PNG sheet of the query and its results")
+    s.add_argument("--model", default=None, help="model directory (default: the one that built the index)")
+    s.set_defaults(func=_cmd_search)
+
+    v = subparsers.add_parser(
+        "serve",
+        help="serve a search page and JSON API for an index",
+        epilog="Example:\n  clipcraft serve photos.index --port 8000   # then open http://127.0.0.1:8000/",
+        formatter_class=formatter_class,
+    )
+    v.add_argument("index", help="index directory")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--model", default=None, help="model directory (default: the one that built the index)")
+    v.set_defaults(func=_cmd_serve)

@@ -1,0 +1,50 @@
+"""``clipcraft train``: a thin command over :func:`clipcraft.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a CLIP model on image-caption data",
+        description="Train from a YAML/JSON config plus key=value overrides (any TrainConfig field).",
+        epilog="Examples:\n"
+        "  clipcraft train --config configs/flickr8k-minilm-vit-tiny.yaml\n"
+        "  clipcraft train --config configs/flickr8k-minilm-vit-tiny.yaml epochs=1 batch_size=32 output_dir=runs/x\n"
+        "  clipcraft train --resume runs/x\n"
+        "  torchrun --nproc_per_node 2 -m clipcraft.cli train --config C.yaml   # data parallel",
+        formatter_class=formatter,
+    )
+    p.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
+    p.add_argument("--data", default=None, help="dataset path (overrides the config's data)")
+    p.add_argument(
+        "--data-format", default=None, help="flickr | table | coco | imagefolder (default: detect)"
+    )
+    p.add_argument("--output-dir", default=None, help="run directory (overrides the config's output_dir)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from clipcraft.config import TrainConfig, load_config_file, parse_override
+    from clipcraft.train import train
+    from clipcraft.train.checkpoint import load_checkpoint
+
+    data: dict[str, Any] = {}
+    if args.resume:
+        data.update(load_checkpoint(args.resume)["config"])
+    if args.config:
+        data.update(load_config_file(args.config))
+    for key, value in (parse_override(o) for o in args.overrides):
+        data[key] = value
+    for key in ("data", "data_format", "output_dir"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    config = TrainConfig.from_dict(data)
+    result = train(config, resume=args.resume)
+    print(f"Run directory: {result.run_dir}")
+    return 0

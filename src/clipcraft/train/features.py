@@ -1,0 +1,224 @@
+"""Tower features for a whole dataset: batched extraction (bad images skipped and counted) and the on-disk
+cache of a locked tower's features, memory-mapped and keyed by the tower's weights, its preprocessing and
+the data files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from clipcraft.data import BadItem, CaptionCollate, CaptionDataset
+from clipcraft.model import ClipModel
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device runs bf16 autocast (CUDA with bf16 support, or CPU with oneDNN)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.backends.mkldnn.is_available() else "fp32"
+
+
+def _index_batches(n: int, batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, n, batch_size):
+        yield list(range(start, min(n, start + batch_size)))
+
+
+@torch.no_grad()
+def image_features(
+    model: ClipModel,
+    dataset: CaptionDataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[BadItem]]:
+    """Image tower features of every image (eval transform), in dataset order.
+
+    Returns ``(features (N, F) float32, ok (N,) bool, bad items)``; rows of images that failed to load are
+    zero and ``ok`` is False for them.
+    """
+    device = model.device
+    data = dataset.with_transforms(model.image_transform(train=False))
+    loader = DataLoader(
+        data,
+        batch_sampler=list(_index_batches(len(data), batch_size)),
+        collate_fn=CaptionCollate(),
+        num_workers=num_workers,
+    )
+    out = np.zeros((len(data), model.image_tower.num_features), dtype=np.float32)
+    ok = np.zeros(len(data), dtype=bool)
+    bad: list[BadItem] = []
+    was_training = model.training
+    model.eval()
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="image features", unit="batch")  # type: ignore[assignment]
+    try:
+        for batch in loader:
+            bad.extend(batch.bad)
+            if len(batch) == 0:
+                continue
+            with autocast(device, precision):
+                feats = model.image_tower(batch.images.to(device))  # (B, F)
+            idx = batch.indices.numpy()
+            out[idx] = feats.float().cpu().numpy()
+            ok[idx] = True
+    finally:
+        model.train(was_training)
+    return out, ok, bad
+
+
+@torch.no_grad()
+def text_features(
+    model: ClipModel, captions: list[str], *, batch_size: int = 256, precision: str = "fp32"
+) -> np.ndarray:
+    """(N, F) float32 text tower features of ``captions``, in order."""
+    return model.encode_texts(
+        captions, batch_size=batch_size, normalize=False, project=False, precision=precision
+    )
+
+
+# -- the cache ----------------------------------------------------------------------------------------------
+
+
+def _tower_digest(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _files_digest(dataset: CaptionDataset) -> str:
+    digest = hashlib.sha256()
+    for record in dataset.records:
+        digest.update(record.image.encode())
+        with contextlib.suppress(OSError):
+            st = os.stat(record.image)
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def cache_key(model: ClipModel, dataset: CaptionDataset, tower: str, precision: str) -> str:
+    """Changes when the tower's weights, its preprocessing or settings, the data files or precision change."""
+    if tower == "image":
+        settings = {"tower": model.config.image.name, "preprocess": model.config.image.preprocess}
+        module: torch.nn.Module = model.image_tower
+        data = _files_digest(dataset)
+    else:
+        text = model.config.text
+        settings = {
+            "tower": text.name,
+            "pooling": text.pooling,
+            "max_length": text.max_length,
+            "lowercase": text.lowercase,
+            "normalize": text.normalize_features,
+        }
+        module = model.text_tower
+        data = hashlib.sha256(json.dumps([r.captions for r in dataset.records]).encode()).hexdigest()
+    blob = json.dumps(
+        {"settings": settings, "precision": precision, "data": data}, default=str, sort_keys=True
+    )
+    return hashlib.sha256((blob + _tower_digest(module)).encode()).hexdigest()[:24]
+
+
+@dataclass
+class FeatureCache:
+    """Features of one locked tower for one dataset, memory-mapped from ``<cache_dir>/<tower>-<key>/``.
+
+    Image caches have one row per image; text caches one row per caption, in record order
+    (``offsets[i] + j`` is caption ``j`` of image ``i``). ``ok`` marks rows whose input could be loaded.
+    """
+
+    features: np.ndarray
+    ok: np.ndarray
+    offsets: np.ndarray | None = None
+
+    def rows(self, image_indices: torch.Tensor, caption_indices: torch.Tensor | None = None) -> torch.Tensor:
+        idx = image_indices.numpy()
+        if self.offsets is not None:
+            assert caption_indices is not None
+            idx = self.offsets[idx] + caption_indices.numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.features[idx]))
+
+
+def build_or_load_cache(
+    model: ClipModel,
+    dataset: CaptionDataset,
+    tower: str,
+    cache_dir: str | os.PathLike[str],
+    *,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    progress: bool,
+) -> tuple[FeatureCache, list[BadItem], bool]:
+    """The cache for ``tower`` ("image" or "text"), computed and written (atomically) when missing.
+
+    Returns ``(cache, bad items met while building, whether it was loaded from disk)``.
+    """
+    folder = Path(cache_dir) / f"{tower}-{cache_key(model, dataset, tower, precision)}"
+    if (folder / "meta.json").is_file():
+        return _open(folder), [], True
+    bad: list[BadItem] = []
+    if tower == "image":
+        feats, ok, bad = image_features(
+            model,
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            progress=progress,
+        )
+        offsets = None
+    else:
+        captions = [c for r in dataset.records for c in r.captions]
+        feats = text_features(model, captions, batch_size=batch_size, precision=precision)
+        ok = np.ones(len(captions), dtype=bool)
+        offsets = np.concatenate([[0], np.cumsum([len(r.captions) for r in dataset.records])[:-1]]).astype(
+            np.int64
+        )
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "features.npy", feats)
+    np.save(tmp / "ok.npy", ok)
+    if offsets is not None:
+        np.save(tmp / "offsets.npy", offsets)
+    (tmp / "meta.json").write_text(
+        json.dumps({"tower": tower, "rows": int(len(feats)), "dim": int(feats.shape[1])})
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return _open(folder), bad, False
+
+
+def _open(folder: Path) -> FeatureCache:
+    offsets = folder / "offsets.npy"
+    return FeatureCache(
+        features=np.load(folder / "features.npy", mmap_mode="r"),
+        ok=np.load(folder / "ok.npy"),
+        offsets=np.load(offsets) if offsets.is_file() else None,
+    )

@@ -1,0 +1,94 @@
+"""Validation during training: retrieval recall (the evaluation package's metrics) and the loss on the
+validation split, from one pass of embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipcraft.data import BadItem, CaptionDataset
+from clipcraft.evaluation.retrieval import retrieval_metrics
+from clipcraft.losses import clip_loss, siglip_loss
+from clipcraft.model import ClipModel
+from clipcraft.train.features import image_features
+
+RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+@dataclass
+class RetrievalEmbeddings:
+    """Embeddings of a captioned split: images (N, D), captions (M, D), ``text_to_image`` (M,), the image
+    paths of the N good images, and the images that could not be loaded."""
+
+    images: np.ndarray
+    texts: np.ndarray
+    text_to_image: np.ndarray
+    captions: list[str]
+    paths: list[str]
+    bad: list[BadItem] = field(default_factory=list)
+
+
+@torch.no_grad()
+def embed_split(
+    model: ClipModel, dataset: CaptionDataset, *, batch_size: int, num_workers: int, precision: str
+) -> RetrievalEmbeddings:
+    feats, ok, bad = image_features(
+        model, dataset, batch_size=batch_size, num_workers=num_workers, precision=precision
+    )
+    good = np.flatnonzero(ok)
+    was_training = model.training
+    model.eval()
+    try:
+        image_emb = F.normalize(model.image_head(torch.from_numpy(feats[good]).to(model.device)), dim=-1)
+    finally:
+        model.train(was_training)
+    captions: list[str] = []
+    text_to_image: list[int] = []
+    for new_index, i in enumerate(good):
+        for caption in dataset.records[i].captions:
+            captions.append(caption)
+            text_to_image.append(new_index)
+    text_emb = model.encode_texts(captions, batch_size=batch_size * 4, precision=precision)
+    return RetrievalEmbeddings(
+        images=image_emb.float().cpu().numpy(),
+        texts=text_emb,
+        text_to_image=np.asarray(text_to_image, dtype=np.int64),
+        captions=captions,
+        paths=[dataset.records[i].image for i in good],
+        bad=bad,
+    )
+
+
+@torch.no_grad()
+def validate_model(
+    model: ClipModel,
+    dataset: CaptionDataset,
+    *,
+    loss_name: str,
+    loss_batch: int,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+) -> tuple[dict[str, float], RetrievalEmbeddings]:
+    """Retrieval metrics, their mean recall, and the validation loss (each image with its first caption, in
+    batches of ``loss_batch`` like training)."""
+    emb = embed_split(model, dataset, batch_size=batch_size, num_workers=num_workers, precision=precision)
+    metrics = retrieval_metrics(emb.images, emb.texts, emb.text_to_image)
+    first = np.searchsorted(emb.text_to_image, np.arange(len(emb.images)))  # first caption of each image
+    scale, bias = model.logit_scale.exp().cpu(), model.logit_bias.cpu()
+    losses = []
+    for start in range(0, len(emb.images) - loss_batch + 1, loss_batch):
+        img = torch.from_numpy(emb.images[start : start + loss_batch])
+        txt = torch.from_numpy(emb.texts[first[start : start + loss_batch]])
+        loss = clip_loss(img, txt, scale) if loss_name == "clip" else siglip_loss(img, txt, scale, bias)
+        losses.append(float(loss))
+    result = {k: float(v) for k, v in metrics.items()}
+    result["recall_mean"] = float(np.mean([metrics[k] for k in RECALL_KEYS]))
+    result["val_loss"] = float(np.mean(losses)) if losses else float("nan")
+    result["num_images"] = len(emb.images)
+    result["num_captions"] = len(emb.captions)
+    result["num_skipped"] = len(emb.bad)
+    return result, emb
