@@ -163,8 +163,9 @@ def bench_embed(n_images: int, batch_size: int, workers: int) -> dict[str, Any]:
     import torch
 
     from clipcraft import create_model
+    from clipcraft.precision import resolve_precision
     from clipcraft.search.collection import scan_images
-    from clipcraft.search.embed import _collate, _Files, iter_embeddings, resolve_precision
+    from clipcraft.search.embed import _collate, _Files, iter_embeddings
 
     paths = [str(FLICKR / e.path) for e in scan_images(FLICKR)][:n_images]
     torch.manual_seed(0)

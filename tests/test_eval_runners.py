@@ -11,7 +11,7 @@ from PIL import Image
 
 from clipcraft.errors import ClipcraftError, UnknownNameError
 from clipcraft.evaluation import embeddings as emb_module
-from clipcraft.evaluation.embeddings import encode_image_files, resolve_precision
+from clipcraft.evaluation.embeddings import encode_image_files
 from clipcraft.evaluation.runners import (
     CLASSIFICATION_KEYS,
     RETRIEVAL_KEYS,
@@ -23,6 +23,7 @@ from clipcraft.evaluation.runners import (
     metric_keys,
     select_metrics,
 )
+from clipcraft.precision import resolve_precision
 
 CLASSES = ("cat", "dog", "red_car")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")

@@ -180,6 +180,7 @@ class TrainConfig:
     val_data: str | None = None  # None: the validation split of `data`
     val_split: str | None = "auto"  # auto: "dev"/"validation" when the format has one; None: no validation
     augment: bool = True  # random resized crop while training (never a horizontal flip)
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # area fraction range of the random crop
     max_bad_fraction: float = 0.05  # fail before training when more of the data is bad
     check_images: str = "header"  # none | header | decode: how hard to look at images before training
     num_workers: int = 2  # data loader processes

@@ -27,6 +27,7 @@ from clipcraft.config import ModelConfig
 from clipcraft.errors import CheckpointError, ClipcraftError, PretrainedWeightsError
 from clipcraft.heads import build_head
 from clipcraft.images import ImageInput, load_image
+from clipcraft.precision import autocast, resolve_precision
 from clipcraft.towers import ImageTower, TextTower, load_tokenizer
 
 FORMAT_NAME = "clipcraft"
@@ -91,9 +92,9 @@ class ClipModel(nn.Module):
     def tokenizer(self) -> Any:
         return self.text_tower.tokenizer
 
-    def image_transform(self, train: bool = False) -> Any:
+    def image_transform(self, train: bool = False, scale: tuple[float, float] | None = None) -> Any:
         """PIL image -> (3, H, W) tensor, from the image tower's data config (see :meth:`ImageTower.transform`)."""
-        return self.image_tower.transform(train)
+        return self.image_tower.transform(train, scale=scale)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Captions -> ``{"input_ids", "attention_mask"}`` (B, L), truncated to the tower's max length."""
@@ -218,7 +219,7 @@ class ClipModel(nn.Module):
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=f"embedding {what}", unit="batch")
-        with self._inference(precision):
+        with self.inference(precision):
             for start in starts:
                 vectors = run(items[start : start + batch_size]).float()  # (b, width)
                 if normalize:
@@ -227,18 +228,14 @@ class ClipModel(nn.Module):
         return out
 
     @contextlib.contextmanager
-    def _inference(self, precision: str) -> Iterator[None]:
-        if precision not in ("fp32", "bf16"):
-            raise ClipcraftError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
+    def inference(self, precision: str = "fp32") -> Iterator[None]:
+        """Eval mode, no autograd and ``precision`` ("fp32", "bf16" or "auto") for the block; the previous
+        train/eval mode comes back afterwards."""
+        precision = resolve_precision(precision, self.device)
         was_training = self.training
         self.eval()
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if precision == "bf16"
-            else contextlib.nullcontext()
-        )
         try:
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast(self.device, precision):
                 yield
         finally:
             self.train(was_training)

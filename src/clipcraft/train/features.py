@@ -19,21 +19,7 @@ from torch.utils.data import DataLoader
 
 from clipcraft.data import BadItem, CaptionCollate, CaptionDataset
 from clipcraft.model import ClipModel
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the device runs bf16 autocast (CUDA with bf16 support, or CPU with oneDNN)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.mkldnn.is_available() else "fp32"
+from clipcraft.precision import autocast
 
 
 def _index_batches(n: int, batch_size: int) -> Iterator[list[int]]:
@@ -63,6 +49,7 @@ def image_features(
         batch_sampler=list(_index_batches(len(data), batch_size)),
         collate_fn=CaptionCollate(),
         num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),  # leave the global RNG (dropout) to the training loop
     )
     out = np.zeros((len(data), model.image_tower.num_features), dtype=np.float32)
     ok = np.zeros(len(data), dtype=bool)

@@ -31,6 +31,7 @@ from clipcraft.data import (
 from clipcraft.errors import ClipcraftError
 from clipcraft.losses import build_loss
 from clipcraft.model import ClipModel, ClipOutput, create_model, load
+from clipcraft.precision import autocast, resolve_precision
 from clipcraft.train.checkpoint import (
     CHECKPOINT_FILE,
     atomic_torch_save,
@@ -39,8 +40,9 @@ from clipcraft.train.checkpoint import (
     set_rng_state,
 )
 from clipcraft.train.distributed import Dist, setup, teardown
-from clipcraft.train.features import FeatureCache, autocast, build_or_load_cache, resolve_precision
+from clipcraft.train.features import FeatureCache, build_or_load_cache
 from clipcraft.train.optim import build_optimizer, build_scheduler
+from clipcraft.train.runlog import RunLog
 from clipcraft.train.validation import validate_model
 
 SPLITS = {"flickr": ("train", "dev", "test"), "imagefolder": ("train", "validation", "test")}
@@ -76,7 +78,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainResult:
     checkpoint = load_checkpoint(resume) if resume is not None else None
     run_dir = Path(resume) if resume is not None else Path(config.output_dir)
-    log = _Logger(run_dir, dist.is_main, resume_step=checkpoint["step"] if checkpoint else None)
+    log = RunLog(run_dir, dist.is_main, resume_step=checkpoint["state"]["step"] if checkpoint else None)
     log.write_config(config)
 
     # -- model, seeded identically on every rank
@@ -108,7 +110,9 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
     total_steps = steps_per_epoch * config.epochs
     items = _TrainItems(
         train_set,
-        transform=None if image_cache is not None else model.image_transform(train=config.augment),
+        transform=None
+        if image_cache is not None
+        else model.image_transform(train=config.augment, scale=config.crop_scale),
         seed=config.seed,
     )
     loader = DataLoader(
@@ -159,6 +163,7 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
 
     # -- the loop
     metrics: dict[str, Any] = {}
+    text_memo: dict[str, np.ndarray] = {}  # validation caption features of a locked text tower
     stop = False
     log.info(
         f"{total_steps} steps: {config.epochs} epochs x {steps_per_epoch} batches of {config.batch_size} x "
@@ -203,7 +208,7 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
                         "step": state["step"],
                         "epoch": epoch,
                         "loss": loss_value,
-                        "logit_scale": float(model.logit_scale.exp()),
+                        "logit_scale": model.logit_scale.exp().item(),
                         "samples_per_s": rate,
                         **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
                     }
@@ -220,7 +225,7 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
             break
         state["epoch"] += 1
         state["batch"] = 0
-        metrics = _end_of_epoch(config, model, val_set, state, run_dir, dist, log, precision)
+        metrics = _end_of_epoch(config, model, val_set, state, run_dir, dist, log, precision, text_memo)
         save_checkpoint()
 
     # -- the end: test split, plots, example sheet, summary
@@ -440,7 +445,7 @@ def _feature_caches(
     dist: Dist,
     precision: str,
     report: BadDataReport,
-    log: _Logger,
+    log: RunLog,
 ) -> tuple[FeatureCache | None, FeatureCache | None, np.ndarray | None]:
     """Caches for locked towers (image: only when training images are not augmented). Rank 0 computes,
     the others wait and then read. Images that failed to load are dropped: the returned ``index_map`` maps
@@ -490,8 +495,9 @@ def _end_of_epoch(
     state: dict[str, Any],
     run_dir: Path,
     dist: Dist,
-    log: _Logger,
+    log: RunLog,
     precision: str,
+    text_memo: dict[str, np.ndarray],
 ) -> dict[str, Any]:
     """Validate, log, and write the ``last`` and ``best`` models (rank 0; the others wait)."""
     metrics: dict[str, Any] = {}
@@ -505,6 +511,7 @@ def _end_of_epoch(
                 batch_size=config.eval_batch_size,
                 num_workers=config.num_workers,
                 precision=precision,
+                text_memo=text_memo,
             )
         log.metrics({"type": "epoch", "epoch": state["epoch"], "step": state["step"], **metrics})
         model.save(run_dir / "last")
@@ -528,7 +535,7 @@ def _finish(
     result: TrainResult,
     report: BadDataReport,
     load_report: BadDataReport,
-    log: _Logger,
+    log: RunLog,
     precision: str,
 ) -> dict[str, Any]:
     """Test-split retrieval with the best model, plots, the example sheet and ``summary.json``."""
@@ -572,60 +579,3 @@ def _finish(
     result.summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     log.info(f"Summary: {result.summary_path}; models: {result.last_model}, {result.best_model}")
     return out
-
-
-class _Logger:
-    """Rank-0 output: messages, ``metrics.jsonl``, TensorBoard when installed, progress bars."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None) -> None:
-        self.run_dir = run_dir
-        self.enabled = enabled
-        self.tb: Any = None
-        if not enabled:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.metrics_file.is_file():
-            # drop what was logged after the checkpoint: the resumed run logs those steps again
-            kept = [
-                line
-                for line in self.metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
-        elif self.metrics_file.exists():
-            self.metrics_file.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write_config(self, config: TrainConfig) -> None:
-        if self.enabled:
-            import yaml
-
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-    def info(self, message: str) -> None:
-        if self.enabled:
-            print(message, flush=True)
-
-    def metrics(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.metrics_file, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{row['type']}/{key}", value, row["step"])
-            self.tb.flush()
-
-    def progress(self, total: int, initial: int, desc: str) -> Any:
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=total, initial=initial, desc=desc, unit="step", disable=not self.enabled, dynamic_ncols=True
-        )

@@ -33,8 +33,19 @@ class RetrievalEmbeddings:
 
 @torch.no_grad()
 def embed_split(
-    model: ClipModel, dataset: CaptionDataset, *, batch_size: int, num_workers: int, precision: str
+    model: ClipModel,
+    dataset: CaptionDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    text_memo: dict[str, np.ndarray] | None = None,
 ) -> RetrievalEmbeddings:
+    """Embeddings of every good image of ``dataset`` and all of its captions.
+
+    ``text_memo``, when given and the text tower is fully locked, keeps the captions' tower features between
+    calls (the tower cannot change), so validating every epoch runs the text tower once.
+    """
     feats, ok, bad = image_features(
         model, dataset, batch_size=batch_size, num_workers=num_workers, precision=precision
     )
@@ -51,7 +62,17 @@ def embed_split(
         for caption in dataset.records[i].captions:
             captions.append(caption)
             text_to_image.append(new_index)
-    text_emb = model.encode_texts(captions, batch_size=batch_size * 4, precision=precision)
+    if text_memo is not None and model.text_tower.fully_locked:
+        key = f"{id(dataset)}:{len(captions)}"
+        if key not in text_memo:
+            text_memo[key] = model.encode_texts(
+                captions, batch_size=batch_size * 4, normalize=False, project=False, precision=precision
+            )
+        with model.inference(precision):
+            projected = model.embed_text_features(torch.from_numpy(text_memo[key]).to(model.device))
+        text_emb = projected.float().cpu().numpy()
+    else:
+        text_emb = model.encode_texts(captions, batch_size=batch_size * 4, precision=precision)
     return RetrievalEmbeddings(
         images=image_emb.float().cpu().numpy(),
         texts=text_emb,
@@ -72,10 +93,18 @@ def validate_model(
     batch_size: int,
     num_workers: int,
     precision: str,
+    text_memo: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], RetrievalEmbeddings]:
     """Retrieval metrics, their mean recall, and the validation loss (each image with its first caption, in
     batches of ``loss_batch`` like training)."""
-    emb = embed_split(model, dataset, batch_size=batch_size, num_workers=num_workers, precision=precision)
+    emb = embed_split(
+        model,
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        text_memo=text_memo,
+    )
     metrics = retrieval_metrics(emb.images, emb.texts, emb.text_to_image)
     first = np.searchsorted(emb.text_to_image, np.arange(len(emb.images)))  # first caption of each image
     scale, bias = model.logit_scale.exp().cpu(), model.logit_bias.cpu()

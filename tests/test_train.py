@@ -1,0 +1,229 @@
+"""The training loop: outputs of a run, exact resume, atomic checkpoints, feature-cache and gradient-accumulation
+parity, and distributed data parallel with two CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from clipcraft.config import TrainConfig
+from clipcraft.demo import write_scene_dataset
+from clipcraft.model import load
+from clipcraft.train import train
+from clipcraft.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_scene_dataset(tmp_path_factory.mktemp("scenes"), train=24, val=8, test=8, seed=3)
+
+
+def _config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
+    base: dict[str, Any] = {
+        "model": "tiny",
+        "data": str(data),
+        "output_dir": str(out),
+        "epochs": 2,
+        "batch_size": 4,
+        "num_workers": 0,
+        "eval_batch_size": 8,
+        "warmup_steps": 2,
+        "lr_image_tower": 1e-3,
+        "lr_text_tower": 1e-3,
+        "log_every": 1,
+        "example_sheet": False,
+        "model_overrides": {"head.dropout": 0.1},  # dropout draws from the RNG: resume must restore it
+    }
+    base.update(overrides)
+    return TrainConfig.from_dict(base)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load(model_dir).state_dict()
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _rows(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def test_a_run_writes_models_metrics_plots_and_summary(scenes: Path, tmp_path: Path) -> None:
+    result = train(_config(scenes, tmp_path / "run", example_sheet=True))
+    run = result.run_dir
+    assert result.steps == 2 * (24 // 4) and result.epochs == 2
+    for name in ("config.yaml", CHECKPOINT_FILE, "summary.json", "retrieval_examples.png"):
+        assert (run / name).is_file(), name
+    assert (run / "last" / "model.safetensors").is_file() and (run / "best" / "config.json").is_file()
+    assert list(run.glob("*.png")), "no plots"
+    steps, epochs = _rows(run, "step"), _rows(run, "epoch")
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert {"val_loss", "i2t_r1", "t2i_r10", "recall_mean"} <= epochs[-1].keys()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_num_images"] == 8 and 0.0 <= summary["test_t2i_r1"] <= 1.0
+    assert summary["bad_data"]["before_training"]["bad"] == 0
+    # the resolved config round-trips
+    import yaml
+
+    assert TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())) == _config(
+        scenes, tmp_path / "run", example_sheet=True
+    )
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])  # mid-epoch, and exactly at an epoch's end
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(
+    scenes: Path, tmp_path: Path, stop_at: int
+) -> None:
+    straight = train(_config(scenes, tmp_path / "straight"))
+    stopped = train(_config(scenes, tmp_path / "resumed", max_steps=stop_at))
+    assert stopped.steps == stop_at
+    assert load_checkpoint(tmp_path / "resumed")["state"]["step"] == stop_at
+    resumed = train(_config(scenes, tmp_path / "resumed"), resume=tmp_path / "resumed")
+    assert resumed.steps == straight.steps
+    _assert_same(_weights(straight.last_model), _weights(resumed.last_model))
+    # the resumed run's log has each step once, with the same losses
+    assert [(r["step"], r["loss"]) for r in _rows(resumed.run_dir, "step")] == [
+        (r["step"], r["loss"]) for r in _rows(straight.run_dir, "step")
+    ]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, scenes: Path) -> None:
+    from clipcraft.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(_config(scenes, tmp_path / "x"), resume=tmp_path / "empty")
+
+
+def test_a_kill_during_checkpointing_leaves_the_previous_checkpoint_loadable(
+    scenes: Path, tmp_path: Path
+) -> None:
+    """Kill the process many times at random moments of a run that checkpoints every step; the checkpoint on
+    disk must always load, and resuming from it must work."""
+    run = tmp_path / "run"
+    config = _config(scenes, run, epochs=200, checkpoint_every=1, val_split=None)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    code = (
+        "import json, sys; from clipcraft.config import TrainConfig; from clipcraft.train import train; "
+        "c = TrainConfig.from_dict(json.load(open(sys.argv[1]))); "
+        "train(c, resume=sys.argv[2] if len(sys.argv) > 2 else None)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    seen_steps = []
+    for attempt in range(3):
+        args = [sys.executable, "-c", code, str(tmp_path / "config.json")]
+        if (run / CHECKPOINT_FILE).is_file():
+            args.append(str(run))
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not (run / CHECKPOINT_FILE).is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = load_checkpoint(run)["state"]["step"] if attempt else 0
+        while time.monotonic() < deadline:  # wait for progress past the checkpoint we started from
+            time.sleep(0.2 + 0.13 * attempt)
+            try:
+                if load_checkpoint(run)["state"]["step"] > before + 2:
+                    break
+            except Exception:  # noqa: BLE001 - a half-written file here would be the bug; checked below
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        checkpoint = load_checkpoint(run)  # must load after every kill
+        seen_steps.append(checkpoint["state"]["step"])
+    assert seen_steps == sorted(seen_steps) and seen_steps[-1] > seen_steps[0], seen_steps
+
+
+def test_cached_locked_tower_features_give_the_same_training(scenes: Path, tmp_path: Path) -> None:
+    """A locked tower (text always; image when not augmented) is run once and cached; training from the cache
+    must match training that runs the tower every step."""
+    common = {"lock_text": True, "lock_image": True, "augment": False, "epochs": 1}
+    cached = train(_config(scenes, tmp_path / "cached", feature_cache=True, **common))
+    plain = train(_config(scenes, tmp_path / "plain", feature_cache=False, **common))
+    assert any((tmp_path / "cached" / "feature-cache").glob("image-*"))
+    assert any((tmp_path / "cached" / "feature-cache").glob("text-*"))
+    assert not (tmp_path / "plain" / "feature-cache").exists()
+    losses_cached = [r["loss"] for r in _rows(cached.run_dir, "step")]
+    losses_plain = [r["loss"] for r in _rows(plain.run_dir, "step")]
+    assert losses_cached == pytest.approx(losses_plain, rel=1e-5, abs=1e-6)
+    _assert_same(_weights(cached.last_model), _weights(plain.last_model), exact=False)
+    # a second run reuses the cache instead of recomputing it
+    again = train(_config(scenes, tmp_path / "again", feature_cache=True, cache_dir=str(tmp_path / "cached" / "feature-cache"), **common))  # fmt: skip
+    assert [r["loss"] for r in _rows(again.run_dir, "step")] == losses_cached
+
+
+def test_gradient_accumulation_matches_the_full_batch(scenes: Path, tmp_path: Path) -> None:
+    common = {"epochs": 1, "max_steps": 3, "model_overrides": {"head.dropout": 0.0}, "augment": False}
+    full = train(_config(scenes, tmp_path / "full", grad_accum_steps=1, **common))
+    accum = train(_config(scenes, tmp_path / "accum", grad_accum_steps=2, **common))
+    assert [r["loss"] for r in _rows(full.run_dir, "step")] == pytest.approx(
+        [r["loss"] for r in _rows(accum.run_dir, "step")], rel=1e-5
+    )
+    full_ckpt, accum_ckpt = load_checkpoint(full.run_dir), load_checkpoint(accum.run_dir)
+    _assert_same(full_ckpt["model"], accum_ckpt["model"], exact=False)
+
+
+def test_siglip_loss_and_locked_image_tower_train(scenes: Path, tmp_path: Path) -> None:
+    result = train(_config(scenes, tmp_path / "siglip", loss="siglip", lock_image=True, epochs=1))
+    first, last = _rows(result.run_dir, "step")[0], _rows(result.run_dir, "step")[-1]
+    assert last["loss"] < first["loss"]
+    trained, start = load(result.last_model), load_checkpoint(result.run_dir)
+    assert torch.equal(trained.logit_bias, start["model"]["logit_bias"])
+
+
+def test_webdataset_shards_are_refused_with_a_clear_message(tmp_path: Path) -> None:
+    import tarfile
+
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w"):
+        pass
+    from clipcraft.errors import ClipcraftError
+
+    with pytest.raises(ClipcraftError, match="WebDataset"):
+        train(_config(shard, tmp_path / "run", data_format="webdataset"))
+
+
+def test_distributed_two_cpu_processes_match_one_process_with_the_global_batch(
+    scenes: Path, tmp_path: Path
+) -> None:
+    """torchrun with 2 gloo processes x 4 pairs trains like 1 process x 8 pairs: the same images per step
+    (the sampler shards each global batch), the gathered loss, averaged gradients. Only rank 0 writes."""
+    common = {"epochs": 1, "augment": True, "model_overrides": {"head.dropout": 0.0}}
+    single = train(_config(scenes, tmp_path / "single", batch_size=8, **common))
+    config = _config(scenes, tmp_path / "ddp", batch_size=4, **common)
+    (tmp_path / "ddp.json").write_text(json.dumps(config.to_dict()))
+    code = (
+        "import json, sys; from clipcraft.config import TrainConfig; from clipcraft.train import train; "
+        "train(TrainConfig.from_dict(json.load(open(sys.argv[1]))))"
+    )
+    script = tmp_path / "run_ddp.py"
+    script.write_text(code.replace("; ", "\n"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "ddp.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = _rows(tmp_path / "ddp", "step")
+    assert [r["step"] for r in steps] == [1, 2, 3]  # one line per step: only rank 0 wrote
+    assert [r["loss"] for r in steps] == pytest.approx(
+        [r["loss"] for r in _rows(single.run_dir, "step")], rel=1e-4
+    )
+    _assert_same(_weights(tmp_path / "ddp" / "last"), _weights(single.last_model), exact=False)
