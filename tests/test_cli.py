@@ -52,7 +52,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_demo_smoke_run_learns_and_reloads(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "run"), "--steps", "25"]) == 0
+    assert main(["demo", "--smoke", "--out", str(tmp_path / "run"), "--steps", "25"]) == 0
     out = capsys.readouterr().out
     assert "bit-identical: True" in out
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

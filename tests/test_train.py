@@ -227,3 +227,15 @@ def test_distributed_two_cpu_processes_match_one_process_with_the_global_batch(
         [r["loss"] for r in _rows(single.run_dir, "step")], rel=1e-4
     )
     _assert_same(_weights(tmp_path / "ddp" / "last"), _weights(single.last_model), exact=False)
+
+
+def test_the_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
+    from clipcraft.demo import run_demo
+
+    r = run_demo(tmp_path, sizes=(36, 12, 12), model="tiny", epochs=1, batch_size=8, num_workers=0)
+    assert r["test_images"] == 12 and 0.0 <= r["test_t2i_r1"] <= 1.0
+    assert 0.0 <= r["zeroshot_seen_top1"] <= 1.0 and 0.0 <= r["zeroshot_heldout_top1"] <= 1.0
+    assert r["zeroshot_chance"] == pytest.approx(1 / 18)
+    assert Path(r["model"], "model.safetensors").is_file()
+    assert json.loads(Path(r["run_dir"], "demo.json").read_text())["test_images"] == 12
+    assert any(f.endswith("retrieval_examples.png") for f in r["figures"])
