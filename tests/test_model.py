@@ -232,3 +232,17 @@ def test_smoke_demo_lowers_the_loss(tmp_path):
     result = smoke(out_dir=tmp_path, steps=35)
     assert result["loss_last"] < result["loss_first"] - 0.4
     assert result["reload_identical"]
+
+
+def test_top_level_names_load_lazily() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clipcraft; heavy = [m for m in ('torch', 'timm', 'transformers', 'faiss') if m in sys.modules]; "
+        "assert not heavy, heavy; "
+        "from clipcraft import Index, ZeroShotClassifier, TrainConfig, ClipModel; "
+        "print(Index.__module__, ZeroShotClassifier.__module__, TrainConfig.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["clipcraft.search.index", "clipcraft.evaluation.zeroshot", "clipcraft.config"]

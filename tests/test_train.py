@@ -239,3 +239,15 @@ def test_the_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
     assert Path(r["model"], "model.safetensors").is_file()
     assert json.loads(Path(r["run_dir"], "demo.json").read_text())["test_images"] == 12
     assert any(f.endswith("retrieval_examples.png") for f in r["figures"])
+
+
+@pytest.mark.parametrize("name", ["seed.yaml", "flickr8k-minilm-vit-tiny.yaml"])
+def test_shipped_configs_are_valid_train_configs(name: str) -> None:
+    from clipcraft.config import load_config_file
+
+    config = TrainConfig.from_dict(load_config_file(Path(__file__).parents[1] / "configs" / name))
+    assert config.lr_heads == 1e-3
+    if name == "seed.yaml":
+        assert config.model == "seed" and config.lr_image_tower == config.lr_text_tower == 1e-5
+    else:
+        assert config.lock_text and config.data.endswith("flickr8k")

@@ -12,7 +12,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipModel",
     "ClipOutput",
+    "Index",
     "ModelConfig",
+    "TrainConfig",
+    "ZeroShotClassifier",
     "create_model",
     "list_presets",
     "load",
@@ -21,9 +24,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from clipcraft.config import ModelConfig
+    from clipcraft.config import ModelConfig, TrainConfig
+    from clipcraft.evaluation.zeroshot import ZeroShotClassifier
     from clipcraft.model import ClipModel, ClipOutput, create_model, load
     from clipcraft.presets import list_presets
+    from clipcraft.search.index import Index
 
 _LAZY = {
     "ClipModel": "clipcraft.model",
@@ -31,6 +36,9 @@ _LAZY = {
     "create_model": "clipcraft.model",
     "load": "clipcraft.model",
     "ModelConfig": "clipcraft.config",
+    "TrainConfig": "clipcraft.config",
+    "Index": "clipcraft.search.index",
+    "ZeroShotClassifier": "clipcraft.evaluation.zeroshot",
     "list_presets": "clipcraft.presets",
 }
 
