@@ -246,3 +246,13 @@ def test_top_level_names_load_lazily() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["clipcraft.search.index", "clipcraft.evaluation.zeroshot", "clipcraft.config"]
+
+
+def test_length_sorted_text_batches_match_one_caption_at_a_time(tiny_model):
+    """The fast path (captions batched by length) against the simple one (each caption alone)."""
+    rng = np.random.default_rng(0)
+    words = ["dog", "a", "running", "through", "the", "green", "grass", "near", "two", "children"]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 30, size=23)]
+    batched = tiny_model.encode_texts(texts, batch_size=8)
+    alone = np.concatenate([tiny_model.encode_texts([t], batch_size=1) for t in texts])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)

@@ -193,7 +193,9 @@ class ClipModel(nn.Module):
         """Embed captions, in input order, batched, without gradients.
 
         Captions longer than the tower's ``max_length`` tokens are truncated. A single string is treated as
-        a list of one. Other arguments and the return value as for :meth:`encode_images`.
+        a list of one. Other arguments and the return value as for :meth:`encode_images`. Batches are formed
+        from captions of similar length (longest first), so little time goes into padding; the rows come back
+        in input order.
         """
         items = [texts] if isinstance(texts, str) else list(texts)
         bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
@@ -206,14 +208,19 @@ class ClipModel(nn.Module):
             features = self.text_tower(tokens["input_ids"], tokens["attention_mask"])
             return self.text_head(features) if project else features
 
-        return self._encode(items, run, batch_size, normalize, precision, progress, width, "texts")
+        by_length = np.argsort([-len(t) for t in items], kind="stable")
+        return self._encode(items, run, batch_size, normalize, precision, progress, width, "texts", by_length)
 
-    def _encode(self, items, run, batch_size, normalize, precision, progress, width, what) -> np.ndarray:  # type: ignore[no-untyped-def]
+    def _encode(  # type: ignore[no-untyped-def]
+        self, items, run, batch_size, normalize, precision, progress, width, what, order=None
+    ) -> np.ndarray:
+        """Run ``run`` over ``items`` in batches (in ``order``, a permutation, when given); rows in input order."""
         if batch_size < 1:
             raise ClipcraftError(f"batch_size must be >= 1, got {batch_size}.")
         if not items:
             return np.zeros((0, width), dtype=np.float32)
         out = np.empty((len(items), width), dtype=np.float32)
+        order = np.arange(len(items)) if order is None else order
         starts = range(0, len(items), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -221,10 +228,11 @@ class ClipModel(nn.Module):
             starts = tqdm(starts, desc=f"embedding {what}", unit="batch")
         with self.inference(precision):
             for start in starts:
-                vectors = run(items[start : start + batch_size]).float()  # (b, width)
+                rows = order[start : start + batch_size]
+                vectors = run([items[i] for i in rows]).float()  # (b, width)
                 if normalize:
                     vectors = nn.functional.normalize(vectors, dim=-1)
-                out[start : start + vectors.shape[0]] = vectors.cpu().numpy()
+                out[rows] = vectors.cpu().numpy()
         return out
 
     @contextlib.contextmanager
