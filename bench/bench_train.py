@@ -14,6 +14,11 @@ not pollute each other.
 
     .venv/bin/python bench/bench_train.py            # batch 16, bf16, 2 warm-up + 5 timed steps each
     .venv/bin/python bench/bench_train.py --quick    # batch 2, 1 warm-up + 2 timed steps each
+    .venv/bin/python bench/bench_train.py --lit      # image tower locked (LiT), epochs after the first
+
+With ``--lit`` the image tower is frozen in both. clipcraft then runs it once per image and trains from its
+cached features (the first step, a warm-up, fills the cache, as the first epoch does in ``clipcraft train``);
+open_clip (``lock_image_tower()``, as ``--lock-image`` does) runs the frozen tower forward on every step.
 """
 
 from __future__ import annotations
@@ -45,20 +50,28 @@ ADAMW = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)  # the same
 # models
 
 
-def build_clipcraft() -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+def build_clipcraft(lit: bool = False) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
     import clipcraft
     from clipcraft.losses import clip_loss
 
-    model = clipcraft.create_model("seed", pretrained=False).train()
+    model = clipcraft.create_model("seed", pretrained=False, overrides={"image.lock": lit}).train()
+    cache: dict[int, torch.Tensor] = {}  # LiT: the feature cache (one batch here), filled on first sight
 
     def loss_fn(images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = model(images, {"input_ids": ids, "attention_mask": mask})
+        texts = {"input_ids": ids, "attention_mask": mask}
+        if not lit:
+            out = model(images, texts)
+        else:
+            if id(images) not in cache:
+                with torch.no_grad():
+                    cache[id(images)] = model.image_tower(images).float()
+            out = model(image_features=cache[id(images)], texts=texts)
         return clip_loss(out.image_embeddings, out.text_embeddings, out.logit_scale)
 
     return model, loss_fn
 
 
-def build_open_clip() -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+def build_open_clip(lit: bool = False) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
     import open_clip
     from open_clip import hf_configs, hf_model
     from open_clip import model as oc_model
@@ -92,6 +105,8 @@ def build_open_clip() -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
         ).train()
     finally:
         oc_model.HFTextEncoder = original
+    if lit:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     loss = open_clip.ClipLoss()
 
     def loss_fn(images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,9 +137,9 @@ def make_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
 class Trainer:
     """One model, its loss and its AdamW; ``step()`` runs one training step and returns its seconds."""
 
-    def __init__(self, lib: str, precision: str, fused: bool) -> None:
+    def __init__(self, lib: str, precision: str, fused: bool, lit: bool = False) -> None:
         torch.manual_seed(0)
-        self.model, self.loss_fn = BUILDERS[lib]()
+        self.model, self.loss_fn = BUILDERS[lib](lit)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, **ADAMW, **({"fused": True} if fused else {}))
         self.precision = precision
@@ -162,7 +177,7 @@ def vm_hwm_mib() -> float:
 def measure_memory(lib: str, args: argparse.Namespace) -> dict[str, float]:
     """Runs in a fresh subprocess: peak RSS after building, and after ``args.memory_steps`` training steps."""
     batch = make_batch(args.batch)
-    trainer = Trainer(lib, args.precision, args.fused)
+    trainer = Trainer(lib, args.precision, args.fused, args.lit)
     built = vm_hwm_mib()
     for _ in range(args.memory_steps):
         trainer.step(batch)
@@ -185,6 +200,7 @@ def memory_in_subprocess(lib: str, args: argparse.Namespace) -> dict[str, float]
         str(args.threads),
     ]
     cmd += ["--fused"] if args.fused else []
+    cmd += ["--lit"] if args.lit else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -192,7 +208,7 @@ def memory_in_subprocess(lib: str, args: argparse.Namespace) -> dict[str, float]
 def measure_speed(args: argparse.Namespace) -> dict[str, list[float]]:
     """Interleaved steps: warm-ups, then timed steps in A B B A order; returns seconds per timed step."""
     batch = make_batch(args.batch)
-    trainers = {lib: Trainer(lib, args.precision, args.fused) for lib in args.libs}
+    trainers = {lib: Trainer(lib, args.precision, args.fused, args.lit) for lib in args.libs}
     for i in range(args.warmup):
         for lib in trainers:
             print(f"  warm-up {i + 1}/{args.warmup} {lib}: {trainers[lib].step(batch):.1f}s", flush=True)
@@ -223,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 5)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast or float32")
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) for both models")
+    parser.add_argument(
+        "--lit", action="store_true", help="image tower locked; clipcraft caches its features"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--libs", nargs="+", choices=LIBS, default=list(LIBS))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -285,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "adamw": {**ADAMW, "fused": args.fused},
             "memory_steps": args.memory_steps,
+            "lit": args.lit,
         },
         "machine": {
             "cpu": _cpu_name(),

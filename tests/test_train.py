@@ -251,3 +251,40 @@ def test_shipped_configs_are_valid_train_configs(name: str) -> None:
         assert config.model == "seed" and config.lr_image_tower == config.lr_text_tower == 1e-5
     else:
         assert config.lock_text and config.data.endswith("flickr8k")
+
+
+def _copy_scenes(scenes: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(scenes, dest)
+    return dest
+
+
+def test_a_few_bad_images_are_skipped_counted_and_reported(scenes: Path, tmp_path: Path) -> None:
+    data = _copy_scenes(scenes, tmp_path / "data")
+    victim = sorted((data / "train").glob("*.png"))[0]
+    victim.write_bytes(b"not an image at all")  # 1 of 24 images: under the 5 % threshold
+    result = train(_config(data, tmp_path / "run", epochs=1, check_images="decode"))
+    report = json.loads((result.run_dir / "summary.json").read_text())["bad_data"]["before_training"]
+    assert report["bad"] == 3  # the image's 3 caption rows
+    assert report["counts"] == {"unreadable_image": 3}
+    assert victim.name in report["examples"][0]["where"]
+
+
+def test_too_much_bad_data_fails_before_training_with_the_report(scenes: Path, tmp_path: Path) -> None:
+    from clipcraft.data import BadDataError
+
+    data = _copy_scenes(scenes, tmp_path / "data")
+    for victim in sorted((data / "train").glob("*.png"))[:3]:  # 3 of 24 images: 12.5 %
+        victim.unlink()
+    with pytest.raises(BadDataError, match="missing_file") as info:
+        train(_config(data, tmp_path / "run"))
+    assert info.value.report.num_bad == 9
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+
+
+def test_gradient_checkpointing_gives_the_same_training(scenes: Path, tmp_path: Path) -> None:
+    common = {"epochs": 1, "max_steps": 2, "model_overrides": {"head.dropout": 0.0}, "augment": False}
+    plain = train(_config(scenes, tmp_path / "plain", **common))
+    ckpt = train(_config(scenes, tmp_path / "ckpt", grad_checkpointing=True, **common))
+    _assert_same(load_checkpoint(plain.run_dir)["model"], load_checkpoint(ckpt.run_dir)["model"], exact=False)

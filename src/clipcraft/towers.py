@@ -532,8 +532,9 @@ class TextTower(_Lockable):
         self.config = config
         self.num_features: int = int(config.hf_config["hidden_size"])
         self._tokenizer: Any = None
-        if config.grad_checkpointing:
-            self.model.gradient_checkpointing_enable()  # type: ignore[operator]
+        if config.grad_checkpointing:  # transformers >= 5 renamed the method
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            (enable or self.model.gradient_checkpointing_enable)()  # type: ignore[operator]
         if config.lock:
             blocks = {n: _block_index(_TEXT_BLOCK, n) for n, _ in self.named_parameters()}
             self._apply_lock(blocks, config.unlocked_groups)
