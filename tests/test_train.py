@@ -288,3 +288,11 @@ def test_gradient_checkpointing_gives_the_same_training(scenes: Path, tmp_path: 
     plain = train(_config(scenes, tmp_path / "plain", **common))
     ckpt = train(_config(scenes, tmp_path / "ckpt", grad_checkpointing=True, **common))
     _assert_same(load_checkpoint(plain.run_dir)["model"], load_checkpoint(ckpt.run_dir)["model"], exact=False)
+
+
+def test_gradient_checkpointing_is_switched_on_in_both_towers() -> None:
+    from clipcraft import create_model
+
+    model = create_model("tiny", overrides={"image.grad_checkpointing": True, "text.grad_checkpointing": True})
+    assert model.image_tower.trunk.grad_checkpointing
+    assert model.text_tower.model.is_activation_checkpointing
