@@ -6,13 +6,15 @@ Prints tables and writes bench/results/search.json (or search-quick.json with --
   model's own embeddings of the Flickr8k images and for synthetic sets made like them (unit vectors from a
   mixture of many clusters in a low-dimensional subspace) of 10k, 100k and 1M vectors, 512-d.
 * embed: images/s of the index build's embedding loop with the seed architecture (random weights) against
-  open_clip's ``encode_image`` on the same timm trunk, same batch, same run; and the loader alone.
+  open_clip's ``encode_image`` on the same timm trunk, same batch, same run (contenders interleaved in
+  rounds); the same loop without the class-token shortcut; and the loader alone.
 * load: 8 clients hitting the web API for a fixed time on localhost.
 
 Usage:
     .venv/bin/python bench/bench_search.py            # everything (about 15 minutes on 2 CPU cores)
     .venv/bin/python bench/bench_search.py --quick    # small sizes, a few seconds per section
     .venv/bin/python bench/bench_search.py --only ann --sizes 1000000
+    .venv/bin/python bench/bench_search.py --only embed --out bench/results/search-embed.json
 """
 
 from __future__ import annotations
@@ -157,77 +159,108 @@ def bench_ann(
 # Embedding throughput
 
 
-def bench_embed(n_images: int, batch_size: int, workers: int) -> dict[str, Any]:
-    """Seed architecture, random weights: our index-build loop vs open_clip encode_image, same batches."""
+def bench_embed(n_images: int, batch_size: int, workers: int, rounds: int) -> dict[str, Any]:
+    """Seed architecture, random weights: the index build's embedding loop against open_clip's encode_image.
+
+    Three contenders run one after the other in each of ``rounds`` rounds, so background load hits them alike:
+    ``index build`` (:func:`clipcraft.search.embed.iter_embeddings` as ``index build`` calls it: loader
+    workers + model, the class-token shortcut on where the tower allows it), the same loop with the shortcut
+    off, and open_clip's ``encode_image`` on the same preprocessed batches (decoding not timed). Each pass
+    times every batch after its first; rates are ``batch_size / median batch time`` over all rounds. The
+    loader alone (the same loader, no model) shows whether decoding could be the bottleneck.
+    """
     import open_clip
     import torch
 
     from clipcraft import create_model
+    from clipcraft.encoding import file_loader, shortcut_unavailable
     from clipcraft.precision import resolve_precision
     from clipcraft.search.collection import scan_images
-    from clipcraft.search.embed import _collate, _Files, iter_embeddings
+    from clipcraft.search.embed import iter_embeddings
 
     paths = [str(FLICKR / e.path) for e in scan_images(FLICKR)][:n_images]
     torch.manual_seed(0)
     model = create_model("seed", pretrained=False).eval()
     precision = resolve_precision("auto", model.device)
     transform = model.image_transform(train=False)
-
-    # the loader alone: decode + resize + normalize, same workers and batch
-    loader = torch.utils.data.DataLoader(
-        _Files(paths, transform, (3, 224, 224)),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-    )
-    t = time.perf_counter()
-    count = sum(len(b[0]) for b in loader)
-    loader_ips = count / (time.perf_counter() - t)
-
-    # ours: the index builder's embedding loop (loader workers + model); time per batch after the first
-    stamps = [time.perf_counter()]
-    for _ in iter_embeddings(model, paths, batch_size=batch_size, workers=workers, precision="auto"):
-        stamps.append(time.perf_counter())
-    per_batch = np.diff(stamps)[1:] if len(stamps) > 2 else np.diff(stamps)
-    ours_ips = batch_size / float(np.median(per_batch))
-
-    # open_clip on the same timm trunk (random weights), the same preprocessed batches, no loader cost
-    cfg = {
-        "embed_dim": 512,
-        "vision_cfg": {
-            "timm_model_name": "vit_base_patch16_224",
-            "timm_model_pretrained": False,
-            "timm_pool": "",
-            "timm_proj": "linear",
-            "image_size": 224,
-        },
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 1},
-    }
-    oc = open_clip.CLIP(**cfg).eval()
+    oc = open_clip.CLIP(**OPEN_CLIP_SEED).eval()
     batches = [
         torch.stack([transform(_load(p)) for p in paths[i : i + batch_size]])
-        for i in range(0, n_images, batch_size)
+        for i in range(0, len(paths), batch_size)
     ]
-    times = []
-    with torch.no_grad():
-        for b in batches:
-            t = time.perf_counter()
-            oc.encode_image(b, normalize=True)
-            times.append(time.perf_counter() - t)
-    oc_ips = batch_size / float(np.median(times[1:] if len(times) > 1 else times))
+
+    def batch_times(stream: Any) -> tuple[list[float], list[np.ndarray]]:
+        """Seconds per item of ``stream`` after the first (which carries worker start-up), and the items."""
+        items, stamps = [], [time.perf_counter()]
+        for item in stream:
+            items.append(item)
+            stamps.append(time.perf_counter())
+        return list(np.diff(stamps)[1:]), items
+
+    def open_clip_batches() -> Any:
+        with torch.inference_mode():
+            for b in batches:
+                yield oc.encode_image(b, normalize=True)
+
+    times: dict[str, list[float]] = {"loader": [], "index_build": [], "shortcut_off": [], "open_clip": []}
+    vectors: dict[str, np.ndarray] = {}
+    load = [os.getloadavg()[0]]
+    loader_times, _ = batch_times(file_loader(paths, transform, batch_size=batch_size, workers=workers))
+    times["loader"] += loader_times
+    for r in range(rounds):
+        for name, shortcut in (("index_build", None), ("shortcut_off", False)):
+            stream = iter_embeddings(model, paths, batch_size=batch_size, workers=workers, shortcut=shortcut)
+            t, items = batch_times(stream)
+            times[name] += t
+            vectors[name] = np.concatenate([b.embeddings for b in items])
+        times["open_clip"] += batch_times(open_clip_batches())[0]
+        load.append(os.getloadavg()[0])
+        rates = {k: batch_size / float(np.median(v)) for k, v in times.items() if k != "loader"}
+        print(
+            f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.2f} img/s" for k, v in rates.items()),
+            flush=True,
+        )
+
+    def rate(name: str) -> float:
+        return batch_size / float(np.median(times[name]))
+
+    a, b = vectors["index_build"], vectors["shortcut_off"]
     result = {
-        "images": n_images,
+        "images": len(paths),
         "batch_size": batch_size,
         "workers": workers,
+        "rounds": rounds,
+        "timed_batches_per_contender": len(times["open_clip"]),
         "precision": precision,
         "torch_threads": torch.get_num_threads(),
-        "loader_only_images_per_s": round(loader_ips, 2),
-        "index_build_images_per_s": round(ours_ips, 3),
-        "open_clip_encode_image_images_per_s": round(oc_ips, 3),
-        "speedup": round(ours_ips / oc_ips, 3),
+        "class_token_shortcut": shortcut_unavailable(model) or "on",
+        "load_average_1min": [round(x, 2) for x in load],
+        "loader_only_images_per_s": round(rate("loader"), 2),
+        "index_build_images_per_s": round(rate("index_build"), 3),
+        "index_build_shortcut_off_images_per_s": round(rate("shortcut_off"), 3),
+        "open_clip_encode_image_images_per_s": round(rate("open_clip"), 3),
+        "speedup": round(rate("index_build") / rate("open_clip"), 3),
+        "speedup_shortcut_off": round(rate("shortcut_off") / rate("open_clip"), 3),
+        "shortcut_min_cosine_to_full": round(float(((a * b).sum(1)).min()), 6),
+        "seconds_per_batch": {k: [round(x, 3) for x in v] for k, v in times.items()},
     }
-    print(json.dumps(result, indent=1), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_batch"}, indent=1), flush=True)
     return result
+
+
+# open_clip's CLIP on the seed's image trunk: timm vit_base_patch16_224 (class-token pooling), random weights,
+# a linear projection to 512-d; a one-layer text tower (never run here).
+OPEN_CLIP_SEED = {
+    "embed_dim": 512,
+    "vision_cfg": {
+        "timm_model_name": "vit_base_patch16_224",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": 224,
+    },
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 1},
+}
 
 
 def _load(path: str) -> Any:
@@ -331,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["ann", "embed", "load"], action="append", help="run some sections")
     parser.add_argument("--sizes", type=int, nargs="*", default=None, help="synthetic set sizes")
     parser.add_argument("--workers", type=int, default=1, help="loader processes")
+    parser.add_argument("--embed-images", type=int, default=32, help="images per embedding pass")
+    parser.add_argument("--embed-batch", type=int, default=8, help="batch size of the embedding section")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the embedding contenders")
+    parser.add_argument("--note", default="", help="free text stored with the embedding figures")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/search[-quick].json)")
     args = parser.parse_args(argv)
     sections = args.only or ["ann", "embed", "load"]
@@ -377,8 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     if "embed" in sections:
         print("== embedding throughput (seed architecture, random weights) ==", flush=True)
         if FLICKR.is_dir():
-            n = 16 if args.quick else 40
-            results["embed"] = bench_embed(n, 8, args.workers)
+            n = 16 if args.quick else args.embed_images
+            results["embed"] = bench_embed(
+                n, args.embed_batch, args.workers, 1 if args.quick else args.rounds
+            )
+            if args.note:
+                results["embed"]["note"] = args.note
             save()
     if "load" in sections:
         print("== web API under load ==", flush=True)

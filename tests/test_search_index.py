@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipcraft import encoding
 from clipcraft.errors import ClipcraftError
-from clipcraft.search import embed as embed_mod
 from clipcraft.search.ann import IndexConfig, exact_search
 from clipcraft.search.index import CaptionResult, Index, SearchResult, build_index
 
@@ -59,7 +59,7 @@ def folder(tmp_path):
     return images
 
 
-REAL_EMBED_BATCH = embed_mod.embed_batch
+REAL_ENCODE_PIXELS = encoding.encode_pixels
 
 
 class SimulatedCrash(Exception):
@@ -67,19 +67,20 @@ class SimulatedCrash(Exception):
 
 
 class CountingEmbed:
-    """Wraps ``embed_batch`` to count embedded images, and optionally crash after ``crash_after`` batches."""
+    """Wraps ``encode_pixels`` (the model step of every encoding loop) to count embedded images, and optionally
+    crash after ``crash_after`` batches."""
 
     def __init__(self, crash_after: int | None = None) -> None:
         self.images = 0
         self.batches = 0
         self.crash_after = crash_after
 
-    def __call__(self, model, pixels, precision):
+    def __call__(self, model, pixels, **kwargs):
         if self.crash_after is not None and self.batches >= self.crash_after:
             raise SimulatedCrash(f"crash after {self.batches} batches")
         self.batches += 1
         self.images += pixels.shape[0]
-        return REAL_EMBED_BATCH(model, pixels, precision)
+        return REAL_ENCODE_PIXELS(model, pixels, **kwargs)
 
 
 def build(model_dir, folder, out, **kwargs):
@@ -165,7 +166,7 @@ def test_incremental_build_embeds_only_changes(model_dir, folder, tmp_path, monk
     os.utime(modified, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     (folder / "img05.png").unlink()  # deleted
     counter = CountingEmbed()
-    monkeypatch.setattr(embed_mod, "embed_batch", counter)
+    monkeypatch.setattr(encoding, "encode_pixels", counter)
     report = build(model_dir, folder, tmp_path / "idx")
     assert counter.images == 3  # two new + one modified; the corrupt files fail in the loader
     assert (report.embedded, report.removed, report.total) == (3, 2, 11)  # removed: deleted + old version
@@ -183,13 +184,13 @@ def test_interrupted_build_continues_and_never_leaves_a_half_written_index(
     model_dir, folder, tmp_path, monkeypatch
 ):
     out = tmp_path / "idx"
-    monkeypatch.setattr(embed_mod, "embed_batch", CountingEmbed(crash_after=2))
+    monkeypatch.setattr(encoding, "encode_pixels", CountingEmbed(crash_after=2))
     with pytest.raises(SimulatedCrash):
         build(model_dir, folder, out)
     assert not out.exists()  # nothing at the target until the whole index is written
     assert not list(tmp_path.glob(".idx.tmp-*"))
     counter = CountingEmbed()
-    monkeypatch.setattr(embed_mod, "embed_batch", counter)
+    monkeypatch.setattr(encoding, "encode_pixels", counter)
     report = build(model_dir, folder, out)
     # two batches were saved before the crash: 4 images, then 3 (the fourth file there is notes.png)
     assert counter.images == 10 - 7
@@ -198,11 +199,11 @@ def test_interrupted_build_continues_and_never_leaves_a_half_written_index(
 
     # an interrupted update leaves the previous index readable and complete
     write_images(folder, [f"more{i}.png" for i in range(6)], seed0=200)
-    monkeypatch.setattr(embed_mod, "embed_batch", CountingEmbed(crash_after=1))
+    monkeypatch.setattr(encoding, "encode_pixels", CountingEmbed(crash_after=1))
     with pytest.raises(SimulatedCrash):
         build(model_dir, folder, out)
     assert len(Index.load(out)) == 10
-    monkeypatch.setattr(embed_mod, "embed_batch", counter := CountingEmbed())
+    monkeypatch.setattr(encoding, "encode_pixels", counter := CountingEmbed())
     assert build(model_dir, folder, out).total == 16
     assert counter.images == 2
 

@@ -293,6 +293,8 @@ def test_gradient_checkpointing_gives_the_same_training(scenes: Path, tmp_path: 
 def test_gradient_checkpointing_is_switched_on_in_both_towers() -> None:
     from clipcraft import create_model
 
-    model = create_model("tiny", overrides={"image.grad_checkpointing": True, "text.grad_checkpointing": True})
+    model = create_model(
+        "tiny", overrides={"image.grad_checkpointing": True, "text.grad_checkpointing": True}
+    )
     assert model.image_tower.trunk.grad_checkpointing
     assert model.text_tower.model.is_activation_checkpointing

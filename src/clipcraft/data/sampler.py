@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from clipcraft.data.ranks import rank_and_world_size
 from clipcraft.errors import ClipcraftError
 
 Batch = list[tuple[int, int]]  # (image index, caption index) pairs, what CaptionDataset.__getitem__ takes
@@ -56,14 +57,7 @@ class CaptionGroupedBatchSampler(Sampler[Batch]):
             )
         if batch_size < 1:
             raise ClipcraftError(f"batch_size must be at least 1, got {batch_size}.")
-        if num_replicas is None or rank is None:
-            import torch.distributed as dist
-
-            ready = dist.is_available() and dist.is_initialized()
-            num_replicas = (
-                num_replicas if num_replicas is not None else (dist.get_world_size() if ready else 1)
-            )
-            rank = rank if rank is not None else (dist.get_rank() if ready else 0)
+        rank, num_replicas = rank_and_world_size(rank, num_replicas)
         if not 0 <= rank < num_replicas:
             raise ClipcraftError(f"rank must be in [0, {num_replicas}), got {rank}.")
         if seed < 0:

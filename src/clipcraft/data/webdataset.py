@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipcraft.data.dataset import CaptionItem, ImageTransform, TextTransform
 from clipcraft.data.decode import CHECK_MODES, BadImageError, CheckMode, check_image, decode_image
+from clipcraft.data.ranks import rank_and_world_size
 from clipcraft.data.report import (
     BAD_ENCODING,
     BAD_SHARD,
@@ -226,13 +227,7 @@ class WebDatasetStream(IterableDataset):
         self.epoch = epoch
 
     def _placement(self) -> tuple[int, int]:
-        rank, world_size = self.rank, self.world_size
-        if rank is None or world_size is None:
-            import torch.distributed as dist
-
-            ready = dist.is_available() and dist.is_initialized()
-            rank = rank if rank is not None else (dist.get_rank() if ready else 0)
-            world_size = world_size if world_size is not None else (dist.get_world_size() if ready else 1)
+        rank, world_size = rank_and_world_size(self.rank, self.world_size)
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return rank * workers + worker, world_size * workers

@@ -54,7 +54,7 @@ class EncodeOptions:
 
     batch_size: int = 64  # images per forward pass
     precision: str = "auto"  # auto: bf16 on CUDA that supports it, else fp32
-    workers: int | None = None  # DataLoader processes; None: 0 for small sets, else half the CPUs (<= 4)
+    workers: int | None = None  # DataLoader processes; None: 0 for small sets, else half the CPUs (<= 8)
     cache_dir: str | None = None  # folder of cached embeddings; None: no cache
     progress: bool = False  # progress bars on stderr
 

@@ -4,30 +4,21 @@ the data files."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from clipcraft.data import BadItem, CaptionCollate, CaptionDataset
+from clipcraft.data import BadItem, CaptionDataset
+from clipcraft.digests import files_digest, json_digest, weights_digest
+from clipcraft.encoding import EncodedFiles, EncodeSettings, encode_files
 from clipcraft.model import ClipModel
-from clipcraft.precision import autocast
 
 
-def _index_batches(n: int, batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, n, batch_size):
-        yield list(range(start, min(n, start + batch_size)))
-
-
-@torch.no_grad()
 def image_features(
     model: ClipModel,
     dataset: CaptionDataset,
@@ -40,39 +31,19 @@ def image_features(
     """Image tower features of every image (eval transform), in dataset order.
 
     Returns ``(features (N, F) float32, ok (N,) bool, bad items)``; rows of images that failed to load are
-    zero and ``ok`` is False for them.
+    zero and ``ok`` is False for them. Leaves the global RNG and the model's train/eval mode as they were.
     """
-    device = model.device
-    data = dataset.with_transforms(model.image_transform(train=False))
-    loader = DataLoader(
-        data,
-        batch_sampler=list(_index_batches(len(data), batch_size)),
-        collate_fn=CaptionCollate(),
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(0),  # leave the global RNG (dropout) to the training loop
-    )
-    out = np.zeros((len(data), model.image_tower.num_features), dtype=np.float32)
-    ok = np.zeros(len(data), dtype=bool)
-    bad: list[BadItem] = []
-    was_training = model.training
-    model.eval()
-    if progress:
-        from tqdm.auto import tqdm
+    settings = EncodeSettings(project=False, batch_size=batch_size, workers=num_workers, precision=precision)
+    result = encode_dataset_images(model, dataset, settings, progress=progress)
+    return result.vectors, result.ok, result.failed
 
-        loader = tqdm(loader, desc="image features", unit="batch")  # type: ignore[assignment]
-    try:
-        for batch in loader:
-            bad.extend(batch.bad)
-            if len(batch) == 0:
-                continue
-            with autocast(device, precision):
-                feats = model.image_tower(batch.images.to(device))  # (B, F)
-            idx = batch.indices.numpy()
-            out[idx] = feats.float().cpu().numpy()
-            ok[idx] = True
-    finally:
-        model.train(was_training)
-    return out, ok, bad
+
+def encode_dataset_images(
+    model: ClipModel, dataset: CaptionDataset, settings: EncodeSettings, *, progress: bool = False
+) -> EncodedFiles:
+    """:func:`clipcraft.encoding.encode_files` over the dataset's images, in record order (bad images are
+    :class:`BadItem` s whose ``index`` is the record index)."""
+    return encode_files(model, [record.image for record in dataset.records], settings, progress=progress)
 
 
 @torch.no_grad()
@@ -88,30 +59,12 @@ def text_features(
 # -- the cache ----------------------------------------------------------------------------------------------
 
 
-def _tower_digest(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _files_digest(dataset: CaptionDataset) -> str:
-    digest = hashlib.sha256()
-    for record in dataset.records:
-        digest.update(record.image.encode())
-        with contextlib.suppress(OSError):
-            st = os.stat(record.image)
-            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
 def cache_key(model: ClipModel, dataset: CaptionDataset, tower: str, precision: str) -> str:
     """Changes when the tower's weights, its preprocessing or settings, the data files or precision change."""
     if tower == "image":
         settings = {"tower": model.config.image.name, "preprocess": model.config.image.preprocess}
         module: torch.nn.Module = model.image_tower
-        data = _files_digest(dataset)
+        data = files_digest([record.image for record in dataset.records])
     else:
         text = model.config.text
         settings = {
@@ -122,11 +75,9 @@ def cache_key(model: ClipModel, dataset: CaptionDataset, tower: str, precision: 
             "normalize": text.normalize_features,
         }
         module = model.text_tower
-        data = hashlib.sha256(json.dumps([r.captions for r in dataset.records]).encode()).hexdigest()
-    blob = json.dumps(
-        {"settings": settings, "precision": precision, "data": data}, default=str, sort_keys=True
-    )
-    return hashlib.sha256((blob + _tower_digest(module)).encode()).hexdigest()[:24]
+        data = json_digest([r.captions for r in dataset.records])
+    parts = {"settings": settings, "precision": precision, "data": data, "weights": weights_digest(module)}
+    return json_digest(parts)[:24]
 
 
 @dataclass

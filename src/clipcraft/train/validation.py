@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from clipcraft.data import BadItem, CaptionDataset
+from clipcraft.encoding import EncodeSettings
 from clipcraft.evaluation.retrieval import retrieval_metrics
 from clipcraft.losses import clip_loss, siglip_loss
 from clipcraft.model import ClipModel
-from clipcraft.train.features import image_features
+from clipcraft.train.features import encode_dataset_images
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -46,16 +46,9 @@ def embed_split(
     ``text_memo``, when given and the text tower is fully locked, keeps the captions' tower features between
     calls (the tower cannot change), so validating every epoch runs the text tower once.
     """
-    feats, ok, bad = image_features(
-        model, dataset, batch_size=batch_size, num_workers=num_workers, precision=precision
-    )
-    good = np.flatnonzero(ok)
-    was_training = model.training
-    model.eval()
-    try:
-        image_emb = F.normalize(model.image_head(torch.from_numpy(feats[good]).to(model.device)), dim=-1)
-    finally:
-        model.train(was_training)
+    settings = EncodeSettings(batch_size=batch_size, workers=num_workers, precision=precision)
+    images = encode_dataset_images(model, dataset, settings)
+    good = np.flatnonzero(images.ok)
     captions: list[str] = []
     text_to_image: list[int] = []
     for new_index, i in enumerate(good):
@@ -74,12 +67,12 @@ def embed_split(
     else:
         text_emb = model.encode_texts(captions, batch_size=batch_size * 4, precision=precision)
     return RetrievalEmbeddings(
-        images=image_emb.float().cpu().numpy(),
+        images=images.vectors[good],
         texts=text_emb,
         text_to_image=np.asarray(text_to_image, dtype=np.int64),
         captions=captions,
         paths=[dataset.records[i].image for i in good],
-        bad=bad,
+        bad=images.failed,
     )
 
 
