@@ -192,7 +192,7 @@ DEMO_CONFIG = {
         "embed_dim": 128,
     },
     "lock_text": True,
-    "epochs": 6,
+    "epochs": 15,
     "batch_size": 64,
     "lr_image_tower": 1e-3,
     "lr_heads": 1e-3,
