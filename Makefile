@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipcraft-installed
 
-.PHONY: demo test lint format venv lock clean
+.PHONY: demo test lint format venv lock clean benchmarks-md
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ format: $(STAMP)
 # Re-pin every dependency after changing pyproject.toml (run inside a working .venv).
 lock: $(STAMP)
 	$(PY) -m pip freeze --all --exclude-editable --exclude clipcraft --exclude pip | LC_ALL=C sort > requirements.lock
+
+# BENCHMARKS.md is bench/HEADER.md followed by the sections the benchmark write-ups keep in bench/sections/.
+BENCH_SECTIONS := train eval search finetune export
+benchmarks-md:
+	cat bench/HEADER.md $(foreach s,$(BENCH_SECTIONS),$(wildcard bench/sections/$(s).md)) > BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
