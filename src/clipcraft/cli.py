@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clipcraft.search.commands",
     "clipcraft.evaluation.commands",
     "clipcraft.export",
+    "clipcraft.finetune.commands",
 )
 
 

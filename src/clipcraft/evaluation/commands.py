@@ -127,14 +127,21 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
 
     p = subparsers.add_parser(
         "classify",
-        help="zero-shot classify images against class names",
-        epilog='Example:\n  clipcraft classify --model M --labels "cat,dog,car" photo1.jpg photo2.png\n\n'
-        "Prints one line per image: the path, then the top-k classes with their probabilities. Images that\n"
-        "cannot be read are reported on stderr and skipped; the exit code is then 1.",
+        help="classify images: zero-shot against class names, or with a fine-tuned model's own classes",
+        epilog='Examples:\n  clipcraft classify --model M --labels "cat,dog,car" photo1.jpg photo2.png\n'
+        "  clipcraft classify --model runs/cifar10-ft photo1.jpg     # a `clipcraft finetune` output\n\n"
+        "Prints one line per image: the path, then the top-k classes with their probabilities. A model made\n"
+        "by `clipcraft finetune` classifies with its fine-tuned head and classes unless --labels is given\n"
+        "(then: zero-shot against those labels). Images that cannot be read are reported on stderr and\n"
+        "skipped; the exit code is then 1.",
         formatter_class=formatter_class,
     )
     p.add_argument("--model", required=True, help="saved model directory")
-    p.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'cat,dog,car'")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated class names, e.g. 'cat,dog,car'; required unless the model is fine-tuned",
+    )
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--templates", default=None, help="prompt templates file, one per line with {}")
     p.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
@@ -261,16 +268,38 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from clipcraft.evaluation.embeddings import encode_image_files
     from clipcraft.evaluation.zeroshot import ZeroShotClassifier, load_templates
 
-    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
-    if not labels:
-        raise ClipcraftError('--labels needs at least one class name, e.g. --labels "cat,dog,car".')
-    if len(set(labels)) != len(labels):
-        raise ClipcraftError(f"--labels repeats a class name: {labels}.")
     if args.top_k < 1:
         raise ClipcraftError(f"--top-k must be >= 1; got {args.top_k}.")
-    templates = load_templates(args.templates) if args.templates else None
-    model = _load_model(args.model, args.device)
-    classifier = ZeroShotClassifier(model, labels, templates)
+    classifier: Any
+    if args.labels is None:  # the fine-tuned head of a `clipcraft finetune` output
+        import torch
+
+        from clipcraft.finetune.classifier import has_classifier, load_classifier
+
+        if not Path(args.model).is_dir():
+            raise ClipcraftError(f"Model directory not found: {args.model}")
+        if not has_classifier(args.model):
+            raise ClipcraftError(
+                f'{args.model} is not a fine-tuned classifier; give the classes with --labels "cat,dog,car" '
+                "(or fine-tune one with `clipcraft finetune`)."
+            )
+        if args.templates:
+            raise ClipcraftError(
+                "--templates applies to zero-shot --labels; a fine-tuned head has no prompts."
+            )
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        classifier = load_classifier(args.model, device=device)
+        model = classifier.model
+        labels = classifier.classnames
+    else:
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+        if not labels:
+            raise ClipcraftError('--labels needs at least one class name, e.g. --labels "cat,dog,car".')
+        if len(set(labels)) != len(labels):
+            raise ClipcraftError(f"--labels repeats a class name: {labels}.")
+        templates = load_templates(args.templates) if args.templates else None
+        model = _load_model(args.model, args.device)
+        classifier = ZeroShotClassifier(model, labels, templates)
     # Encoded here rather than by classifier.predict so that one unreadable file is reported, not fatal.
     emb = encode_image_files(model, args.images, workers=0)
     for path, reason in emb.failed:

@@ -1,0 +1,163 @@
+"""``clipcraft finetune``: a thin command over :func:`clipcraft.finetune.finetune`.
+
+Registration imports nothing heavy: torch loads inside the command function.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from clipcraft.errors import ClipcraftError
+
+EPILOG = """Examples:
+  clipcraft finetune --model runs/flickr8k/best --train ../shared/data/cifar10/train \\
+      --test ../shared/data/cifar10/test --out runs/cifar10-ft
+  clipcraft finetune --model M --train data/train --val data/val --out OUT --epochs 5 --alphas 0,0.25,0.5,0.75,1
+  clipcraft finetune --resume runs/cifar10-ft max_steps=null
+  clipcraft classify --model runs/cifar10-ft photo.jpg        # uses the fine-tuned head
+
+The classifier head starts from the zero-shot text embeddings of the class names (step 0 = zero-shot
+accuracy); the image tower and head then train (tower at the lower --lr-tower) with warmup + cosine and early
+stopping on the validation split. Finally the best fine-tuned weights are mixed with the zero-shot weights,
+(1 - alpha) * zero-shot + alpha * fine-tuned, for every alpha in --alphas; the mix with the best validation
+top-1 is saved to OUT as a clipcraft model plus its classes (classifier.json, classifier.safetensors).
+OUT also holds metrics.jsonl, config.yaml, checkpoint.pt and summary.json (val accuracy for every alpha,
+and test top-1 of the zero-shot, fine-tuned and chosen weights).
+"""
+
+# flag -> FinetuneConfig field, for flags that map one to one
+_FLAGS = {
+    "model": "model",
+    "train": "train",
+    "val": "val",
+    "test": "test",
+    "out": "output_dir",
+    "val_fraction": "val_fraction",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr_tower": "lr_tower",
+    "lr_head": "lr_head",
+    "patience": "patience",
+    "limit_per_class": "limit_per_class",
+    "classnames": "classnames_file",
+    "templates": "templates_file",
+    "workers": "num_workers",
+    "device": "device",
+    "precision": "precision",
+    "seed": "seed",
+}
+
+
+def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    """Add ``finetune`` to the ``clipcraft`` parser."""
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune an image classifier from the zero-shot head, with weight-space ensembling",
+        description="Fine-tune a saved model on a class-folder data set (one subfolder of images per class). "
+        "Flags override --config; KEY=VALUE overrides (any FinetuneConfig field) override both.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+    )
+    p.add_argument("--model", default=None, help="saved clipcraft model directory to start from")
+    p.add_argument("--train", default=None, help="training class folder (or image,label CSV)")
+    p.add_argument(
+        "--val", default=None, help="validation class folder; default: carve --val-fraction of train"
+    )
+    p.add_argument("--test", default=None, help="test class folder, scored once at the end")
+    p.add_argument("--out", default=None, help="output directory: the run, then the fine-tuned model")
+    p.add_argument("--val-fraction", type=float, default=None, help="share of train held out (default 0.1)")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs (default 10)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
+    p.add_argument(
+        "--lr-tower", type=float, default=None, help="image tower + projection rate (default 1e-5)"
+    )
+    p.add_argument("--lr-head", type=float, default=None, help="classifier head rate (default 1e-3)")
+    p.add_argument(
+        "--patience", type=int, default=None, help="epochs without val gain before stopping (default 3)"
+    )
+    p.add_argument(
+        "--alphas", default=None, help="comma-separated mixing coefficients in [0, 1] (default 0,0.1,...,1)"
+    )
+    p.add_argument(
+        "--limit-per-class", type=int, default=None, help="first N images of each class, every split"
+    )
+    p.add_argument("--classnames", default=None, help="file mapping folder<TAB>readable name, one per line")
+    p.add_argument("--templates", default=None, help="prompt templates, one per line with {}")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default 0)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="default auto")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the val split, data order and augmentation"
+    )
+    p.add_argument("--config", default=None, help="YAML or JSON file of FinetuneConfig fields")
+    p.add_argument("--resume", default=None, metavar="OUT_DIR", help="continue the run in OUT_DIR exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace a run or model already in --out")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. warmup_steps=20")
+    p.set_defaults(func=_run)
+
+
+def parse_alphas(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]; :class:`ClipcraftError` for a part that is not a number."""
+    values = []
+    for part in (s.strip() for s in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ClipcraftError(
+                f"--alphas must be comma-separated numbers in [0, 1]; {part!r} is not one."
+            ) from None
+    return values
+
+
+def _run(args: argparse.Namespace) -> int:
+    from clipcraft.config import load_config_file, parse_override
+    from clipcraft.finetune.config import FinetuneConfig
+
+    data: dict[str, Any] = {}
+    if args.resume:
+        from clipcraft.train.checkpoint import load_checkpoint
+
+        data.update(load_checkpoint(args.resume)["config"])
+    if args.config:
+        data.update(load_config_file(args.config))
+    for flag, key in _FLAGS.items():
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    if args.alphas is not None:
+        data["alphas"] = parse_alphas(args.alphas)
+    if args.overwrite:
+        data["overwrite"] = True
+    for key, value in (parse_override(o) for o in args.overrides):
+        data[key] = value
+    if args.resume is None and (not data.get("model") or not data.get("train") or not data.get("output_dir")):
+        raise ClipcraftError("Give --model MODEL_DIR, --train DIR and --out OUT_DIR (or --resume OUT_DIR).")
+    config = FinetuneConfig.from_dict(data)
+    config.check()  # bad values fail here, before torch loads
+
+    from clipcraft.finetune.loop import finetune
+
+    result = finetune(config, resume=args.resume)
+    if not result.finished:
+        print(
+            f"Stopped after {result.steps} steps; continue with: clipcraft finetune --resume {result.output_dir}"
+        )
+        return 0
+    _print_summary(result.summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print("alpha  val top-1")
+    for row in summary["wise"]:
+        mark = "  <- saved" if row["alpha"] == summary["alpha"] else ""
+        print(f"{row['alpha']:5.2f}  {row['top1']:.4f}{mark}")
+    if summary["test"]:
+        print("\ntest (" + str(summary["data"].get("num_test", "?")) + " images)  top-1   top-5")
+        for name in ("zeroshot", "finetuned", "wise"):
+            m = summary["test"][name]
+            label = f"wise (alpha {summary['alpha']:g})" if name == "wise" else name
+            print(f"{label:<22}{m['top1']:.4f}  {m['top5']:.4f}")
+    print(f"\nSaved the fine-tuned classifier to {summary['output_dir']}")

@@ -1,0 +1,422 @@
+"""Fine-tuning a classifier from the zero-shot head, top to bottom in :func:`finetune`.
+
+The order of events: check the config and the data (every error before any work), load the model and build
+the zero-shot head, validate at step 0 (zero-shot accuracy), train the image tower and head with the
+training loop's pieces (AdamW parameter groups, warmup + cosine schedule, :class:`RunLog` metrics and
+progress, atomic checkpoints with RNG state), validate every epoch and stop early, then mix the best
+fine-tuned weights with the zero-shot ones over a grid of alphas (WiSE-FT), keep the mix that validates
+best, score the test split and save the result as a model directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clipcraft.errors import ClipcraftError
+from clipcraft.evaluation.labelled import LabelledImages
+from clipcraft.finetune.classifier import CLASSIFIER_JSON, ImageClassifier
+from clipcraft.finetune.config import FinetuneConfig
+from clipcraft.finetune.data import (
+    ClassificationData,
+    EpochBatches,
+    TrainImages,
+    batches_per_epoch,
+    collate_train,
+    read_classification_data,
+)
+from clipcraft.finetune.wise import best_alpha, interpolate_weights, sweep_alphas
+from clipcraft.precision import autocast, resolve_precision
+from clipcraft.train.checkpoint import (
+    CHECKPOINT_FILE,
+    atomic_torch_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from clipcraft.train.optim import build_scheduler, param_groups
+from clipcraft.train.runlog import RunLog
+
+BEST_WEIGHTS = "best-finetuned.pt"  # the fine-tuned weights of the best validation epoch (alpha = 1)
+SUMMARY_FILE = "summary.json"
+EVAL_KEYS = ("top1", "top5", "mean_per_class_recall", "loss", "num_images", "num_skipped")
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did. ``finished`` is False when it stopped at ``max_steps`` (resume it to go on); only a
+    finished run has the classifier saved in ``output_dir`` and a ``summary`` (also in ``summary.json``)."""
+
+    output_dir: Path
+    finished: bool
+    steps: int
+    epochs: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_classifier(
+    classifier: ImageClassifier,
+    images: LabelledImages,
+    *,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    workers: int = 0,
+) -> dict[str, float]:
+    """Classify every image of ``images`` (eval transform, no gradients) and score it.
+
+    Returns :data:`EVAL_KEYS`: top-1/top-5 accuracy and mean per-class recall (fractions; see
+    :func:`~clipcraft.evaluation.metrics.classification_metrics`), mean cross-entropy ``loss`` in nats, and
+    ``num_images`` scored and ``num_skipped`` (files that failed to decode). Raises :class:`ClipcraftError`
+    when no image decodes.
+    """
+    from clipcraft.evaluation.embeddings import encode_image_files
+    from clipcraft.evaluation.metrics import classification_metrics
+
+    emb = encode_image_files(
+        classifier.model, images.paths, batch_size=batch_size, precision=precision, workers=workers
+    )
+    if emb.vectors.shape[0] == 0:
+        raise ClipcraftError(f"None of the {len(images)} images of {images.source} could be decoded.")
+    logits = classifier.logits(emb.vectors).astype(np.float64)  # (N_ok, C)
+    labels = images.labels[emb.kept]  # (N_ok,)
+    metrics = classification_metrics(logits, labels)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # (N_ok, C)
+    return {
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "mean_per_class_recall": metrics["mean_per_class_recall"],
+        "loss": float(-log_probs[np.arange(labels.size), labels].mean()),
+        "num_images": int(labels.size),
+        "num_skipped": emb.num_skipped,
+    }
+
+
+def build_optimizer(classifier: ImageClassifier, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over :func:`clipcraft.train.optim.param_groups`: the image tower and its projection head at
+    ``lr_tower``, the classifier head at ``lr_head``; weight decay on matrices only. Frozen parameters (the
+    text side; the image tower with ``lock_image``) are left out."""
+    view = config.optim_config()
+    encoder = param_groups(classifier.model, dataclasses.replace(view, lr_heads=config.lr_tower))
+    head = param_groups(classifier.head, view)
+    groups = [{**g, "name": g["name"].replace("heads", "image_head")} for g in encoder]
+    groups += [{**g, "name": g["name"].replace("heads", "classifier")} for g in head]
+    return torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps)  # type: ignore[arg-type]
+
+
+def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = None) -> FinetuneResult:
+    """Fine-tune ``config.model`` on ``config.train`` into ``config.output_dir``; with ``resume``, continue
+    the run in that directory exactly where its last checkpoint left it (weights, optimizer, schedule,
+    step, early-stopping state, RNG and data order), under ``config`` (e.g. a larger ``max_steps``).
+
+    The output directory ends up holding the classifier (see :mod:`clipcraft.finetune.classifier`: a model
+    directory :func:`clipcraft.load` reads, plus the head), the run's ``metrics.jsonl``, ``config.yaml``,
+    ``checkpoint.pt``, ``best-finetuned.pt`` and ``summary.json``.
+
+    Raises :class:`ClipcraftError` before any work for a bad config (e.g. an alpha outside [0, 1]), missing
+    or bad data (one class only, an empty class folder, val/test classes that differ from train's), a
+    missing model, an output directory that already holds a run (without ``overwrite``) or a finished run
+    to resume.
+    """
+    start_time = time.perf_counter()
+    config.check()
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    run_dir = Path(resume) if resume is not None else Path(config.output_dir)
+    if (
+        checkpoint is not None
+        and (run_dir / SUMMARY_FILE).is_file()
+        and (run_dir / CLASSIFIER_JSON).is_file()
+    ):
+        raise ClipcraftError(f"{run_dir} holds a finished fine-tuning run; there is nothing to resume.")
+    data = read_classification_data(
+        config.train,
+        config.val,
+        config.test,
+        classnames_file=config.classnames_file,
+        val_fraction=config.val_fraction,
+        limit_per_class=config.limit_per_class,
+        seed=config.seed,
+    )
+    templates = None
+    if config.templates_file is not None:
+        from clipcraft.evaluation.zeroshot import load_templates
+
+        templates = load_templates(config.templates_file)
+    if not Path(config.model).is_dir():
+        raise ClipcraftError(f"Model directory not found: {config.model}")
+    if checkpoint is None:
+        _prepare_output(run_dir, config)
+
+    # -- set up once: device, precision, log, model with its zero-shot head
+    from clipcraft.model import load
+    from clipcraft.train.distributed import resolve_device
+
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    log = RunLog(run_dir, True, resume_step=checkpoint["state"]["step"] if checkpoint else None)
+    log.write_config(config)
+    _seed_everything(config.seed)
+    model = load(config.model, device=device, overrides={"image.lock": config.lock_image})
+    classifier = ImageClassifier.from_zeroshot(model, data.classnames, templates, data.keys)
+    zeroshot_state = {k: v.detach().clone() for k, v in classifier.trainable_state().items()}
+
+    def evaluate(images: LabelledImages) -> dict[str, float]:
+        return evaluate_classifier(
+            classifier,
+            images,
+            batch_size=config.eval_batch_size,
+            precision=precision,
+            workers=config.num_workers,
+        )
+
+    steps_per_epoch = batches_per_epoch(len(data.train), config.batch_size)
+    optimizer = build_optimizer(classifier, config)
+    scheduler = build_scheduler(optimizer, config.optim_config(), steps_per_epoch * config.epochs)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,  # epochs completed
+        "batch": 0,  # batches of the current epoch consumed
+        "best_epoch": 0,  # 0: the zero-shot head validated best so far
+        "best_val": None,
+        "zeroshot_val": None,
+        "bad_epochs": 0,  # epochs since the last improvement
+        "stopped_early": False,
+        "skipped": 0,  # training images that failed to load
+    }
+    if checkpoint is not None:
+        classifier.load_trainable_state(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state.update(checkpoint["state"])
+        set_rng_state(checkpoint["rng"])
+        log.info(
+            f"Resumed {run_dir} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})."
+        )
+    else:
+        state["zeroshot_val"] = state["best_val"] = evaluate(data.val)
+        log.metrics({"type": "val", "step": 0, "epoch": 0, **_prefixed(state["zeroshot_val"], "val_")})
+        log.info(f"step 0, zero-shot head: val top-1 {state['zeroshot_val']['top1']:.4f}")
+
+    def save_checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "model": classifier.trainable_state(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": dict(state),
+                "rng": rng_state(),
+                "config": config.to_dict(),
+            },
+            run_dir / CHECKPOINT_FILE,
+        )
+
+    # -- the loop
+    augment = model.image_transform(train=True, scale=tuple(config.crop_scale)) if config.augment else None
+    items = TrainImages(data.train, augment or model.image_transform(train=False), config.seed)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    log.info(
+        f"{len(data.train)} training images in {len(data.keys)} classes, {len(data.val)} for validation; "
+        f"up to {config.epochs} epochs x {steps_per_epoch} steps of {config.batch_size}, precision {precision}"
+    )
+    out_of_steps = False
+    while state["epoch"] < config.epochs and not state["stopped_early"] and not out_of_steps:
+        epoch = state["epoch"]
+        loader = DataLoader(
+            items,  # type: ignore[arg-type]
+            batch_sampler=EpochBatches(len(items), config.batch_size, config.seed, epoch, state["batch"]),
+            collate_fn=collate_train,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed),  # leaves the main RNG to dropout alone
+        )
+        classifier.train()
+        bar = log.progress(
+            total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{config.epochs}"
+        )
+        tick, seen, correct, loss_sum, loss_count = time.perf_counter(), 0, 0, 0.0, 0
+        for pixels, labels, errors in loader:
+            state["batch"] += 1
+            bar.update(1)
+            for message in errors[: max(0, 5 - state["skipped"])]:  # name the first few, count them all
+                log.info(f"skipped: {message}")
+            state["skipped"] += len(errors)
+            if pixels is None:
+                continue
+            pixels, labels = pixels.to(device, non_blocking=True), labels.to(device)
+            with autocast(device, precision):
+                logits = classifier(pixels)  # (B, C)
+            loss = loss_fn(logits.float(), labels)
+            loss.backward()
+            if config.grad_clip_norm:
+                nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            seen += labels.numel()
+            correct += int((logits.detach().argmax(dim=1) == labels).sum())
+            loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
+            if state["step"] % config.log_every == 0 or state["step"] == 1:
+                rate = seen / max(time.perf_counter() - tick, 1e-9)
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", img_s=f"{rate:.1f}")
+                log.metrics(
+                    {
+                        "type": "step",
+                        "step": state["step"],
+                        "epoch": epoch,
+                        "loss": loss_sum / loss_count,
+                        "train_top1": correct / max(seen, 1),
+                        "samples_per_s": rate,
+                        **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
+                    }
+                )
+                tick, seen, correct, loss_sum, loss_count = time.perf_counter(), 0, 0, 0.0, 0
+            if config.max_steps is not None and state["step"] >= config.max_steps:
+                out_of_steps = True
+                break
+            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                save_checkpoint()
+        bar.close()
+        if out_of_steps and state["batch"] < steps_per_epoch:
+            break  # mid-epoch: checkpointed below, no validation
+        state["epoch"] += 1
+        state["batch"] = 0
+        val = evaluate(data.val)
+        if val["top1"] > state["best_val"]["top1"]:
+            state.update(best_epoch=state["epoch"], best_val=val, bad_epochs=0)
+            atomic_torch_save(classifier.trainable_state(), run_dir / BEST_WEIGHTS)
+        else:
+            state["bad_epochs"] += 1
+            state["stopped_early"] = 0 < config.patience <= state["bad_epochs"]
+        log.metrics({"type": "val", "step": state["step"], "epoch": state["epoch"], **_prefixed(val, "val_")})
+        log.info(
+            f"epoch {state['epoch']}: val top-1 {val['top1']:.4f}, loss {val['loss']:.4f} (best "
+            f"{state['best_val']['top1']:.4f} at epoch {state['best_epoch']})"
+            + (f"; no gain in {state['bad_epochs']} epochs, stopping" if state["stopped_early"] else "")
+        )
+        save_checkpoint()
+    training_done = state["epoch"] >= config.epochs or state["stopped_early"]
+    if not training_done:
+        save_checkpoint()
+        log.info(f"Stopped at max_steps={config.max_steps}; continue with --resume {run_dir} max_steps=null")
+        return FinetuneResult(run_dir, False, state["step"], state["epoch"])
+
+    # -- weight-space ensembling on val, the test split, the saved classifier
+    if state["best_epoch"] == 0:
+        finetuned_state = zeroshot_state  # fine-tuning never beat the zero-shot head on val
+    else:
+        finetuned_state = torch.load(run_dir / BEST_WEIGHTS, map_location=device, weights_only=True)
+    rows = sweep_alphas(
+        zeroshot_state,
+        finetuned_state,
+        config.alphas,
+        classifier.load_trainable_state,
+        lambda: evaluate(data.val),
+        known={0.0: state["zeroshot_val"], 1.0: state["best_val"]},
+    )
+    alpha = best_alpha(rows)
+    for row in rows:
+        log.metrics({"type": "wise", "step": state["step"], "alpha": row["alpha"], **_prefixed(row, "val_")})
+    log.info("WiSE-FT on val: " + ", ".join(f"alpha {r['alpha']:g}: {r['top1']:.4f}" for r in rows))
+    test = _test(data, zeroshot_state, finetuned_state, alpha, classifier, evaluate)
+    for name, metrics in test.items():
+        log.metrics({"type": "test", "step": state["step"], "model": name, **_prefixed(metrics, "test_")})
+    classifier.load_trainable_state(interpolate_weights(zeroshot_state, finetuned_state, alpha))
+    chosen = next(r for r in rows if r["alpha"] == alpha)
+    info = {
+        "alpha": alpha,
+        "val_top1": chosen["top1"],
+        "source_model": str(config.model),
+        "best_epoch": state["best_epoch"],
+    }
+    classifier.save(run_dir, info=info)
+    summary = {
+        "output_dir": str(run_dir),
+        "model": str(config.model),
+        "data": data.describe(),
+        "device": str(device),
+        "precision": precision,
+        "steps": state["step"],
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "stopped_early": state["stopped_early"],
+        "num_skipped_train_images": state["skipped"],
+        "val": {"zeroshot": state["zeroshot_val"], "finetuned": state["best_val"], "wise": chosen},
+        "wise": rows,
+        "alpha": alpha,
+        "test": test,
+        "seconds_this_session": round(time.perf_counter() - start_time, 1),
+    }
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(
+        f"Chose alpha {alpha:g} (val top-1 {chosen['top1']:.4f}; zero-shot {state['zeroshot_val']['top1']:.4f}, "
+        f"fine-tuned {state['best_val']['top1']:.4f})"
+        + (f"; test top-1 {test['wise']['top1']:.4f}" if test else "")
+        + f". Saved the classifier to {run_dir}"
+    )
+    return FinetuneResult(run_dir, True, state["step"], state["epoch"], summary)
+
+
+def _test(
+    data: ClassificationData,
+    zeroshot_state: dict[str, torch.Tensor],
+    finetuned_state: dict[str, torch.Tensor],
+    alpha: float,
+    classifier: ImageClassifier,
+    evaluate: Any,
+) -> dict[str, dict[str, float]]:
+    """Test metrics of the zero-shot (alpha 0), fine-tuned (alpha 1) and chosen (``wise``) weights."""
+    if data.test is None:
+        return {}
+    by_alpha: dict[float, dict[str, float]] = {}
+    for a in (0.0, 1.0, alpha):
+        if a not in by_alpha:
+            classifier.load_trainable_state(interpolate_weights(zeroshot_state, finetuned_state, a))
+            by_alpha[a] = evaluate(data.test)
+    return {
+        "zeroshot": by_alpha[0.0],
+        "finetuned": by_alpha[1.0],
+        "wise": {"alpha": alpha, **by_alpha[alpha]},
+    }
+
+
+def _prepare_output(run_dir: Path, config: FinetuneConfig) -> None:
+    """Refuse to write over the source model or, without ``overwrite``, over an earlier run or model."""
+    if Path(config.model).resolve() == run_dir.resolve():
+        raise ClipcraftError(
+            f"The output directory {run_dir} is the model being fine-tuned; choose another --out."
+        )
+    earlier = [
+        n
+        for n in (CHECKPOINT_FILE, CLASSIFIER_JSON, "config.json", "metrics.jsonl")
+        if (run_dir / n).exists()
+    ]
+    if earlier and not config.overwrite:
+        raise ClipcraftError(
+            f"{run_dir} already holds a run or a model ({', '.join(earlier)}). Continue it with --resume "
+            f"{run_dir}, replace it with --overwrite, or choose another --out."
+        )
+    for name in (CHECKPOINT_FILE, BEST_WEIGHTS, SUMMARY_FILE, CLASSIFIER_JSON):
+        (run_dir / name).unlink(missing_ok=True)  # so an interrupted new run never mixes with the old one
+
+
+def _prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in metrics.items() if k in EVAL_KEYS}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
