@@ -298,3 +298,23 @@ def test_gradient_checkpointing_is_switched_on_in_both_towers() -> None:
     )
     assert model.image_tower.trunk.grad_checkpointing
     assert model.text_tower.model.is_activation_checkpointing
+
+
+def test_config_sources_take_precedence_in_order(tmp_path: Path) -> None:
+    from clipcraft.config import gather_config
+
+    (tmp_path / "c.yaml").write_text("epochs: 3\nbatch_size: 8\nseed: 1\n")
+    data = gather_config(None, tmp_path / "c.yaml", {"seed": 2, "data": None}, ["batch_size=4"])
+    assert data == {"epochs": 3, "batch_size": 4, "seed": 2}
+
+
+def test_train_command_runs_and_resumes_from_the_run_directory(scenes: Path, tmp_path: Path) -> None:
+    from clipcraft.cli import main
+
+    run = tmp_path / "run"
+    config = _config(scenes, run, epochs=1).to_dict()
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "max_steps=2"]) == 0
+    assert load_checkpoint(run)["state"]["step"] == 2
+    assert main(["train", "--resume", str(run), "max_steps=null"]) == 0
+    assert load_checkpoint(run)["state"]["step"] == 6

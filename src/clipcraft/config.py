@@ -248,3 +248,24 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip().replace("-", "_"), value
+
+
+def gather_config(
+    resume: str | Path | None,
+    config_file: str | Path | None,
+    flags: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The config mapping a command runs with, from its sources in increasing precedence: the config saved in
+    the checkpoint of the run being resumed, a YAML/JSON file, command-line flags (None values are left
+    out) and ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if resume is not None:
+        from clipcraft.train.checkpoint import load_checkpoint
+
+        data.update(load_checkpoint(resume)["config"])
+    if config_file is not None:
+        data.update(load_config_file(config_file))
+    data.update({key: value for key, value in flags.items() if value is not None})
+    data.update(parse_override(item) for item in overrides)
+    return data

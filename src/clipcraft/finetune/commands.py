@@ -113,25 +113,13 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from clipcraft.config import load_config_file, parse_override
+    from clipcraft.config import gather_config
     from clipcraft.finetune.config import FinetuneConfig
 
-    data: dict[str, Any] = {}
-    if args.resume:
-        from clipcraft.train.checkpoint import load_checkpoint
-
-        data.update(load_checkpoint(args.resume)["config"])
-    if args.config:
-        data.update(load_config_file(args.config))
-    for flag, key in _FLAGS.items():
-        if getattr(args, flag) is not None:
-            data[key] = getattr(args, flag)
-    if args.alphas is not None:
-        data["alphas"] = parse_alphas(args.alphas)
-    if args.overwrite:
-        data["overwrite"] = True
-    for key, value in (parse_override(o) for o in args.overrides):
-        data[key] = value
+    flags = {key: getattr(args, flag) for flag, key in _FLAGS.items()}
+    flags["alphas"] = parse_alphas(args.alphas) if args.alphas is not None else None
+    flags["overwrite"] = True if args.overwrite else None
+    data = gather_config(args.resume, args.config, flags, args.overrides)
     if args.resume is None and (not data.get("model") or not data.get("train") or not data.get("output_dir")):
         raise ClipcraftError("Give --model MODEL_DIR, --train DIR and --out OUT_DIR (or --resume OUT_DIR).")
     config = FinetuneConfig.from_dict(data)

@@ -30,21 +30,11 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from clipcraft.config import TrainConfig, load_config_file, parse_override
+    from clipcraft.config import TrainConfig, gather_config
     from clipcraft.train import train
-    from clipcraft.train.checkpoint import load_checkpoint
 
-    data: dict[str, Any] = {}
-    if args.resume:
-        data.update(load_checkpoint(args.resume)["config"])
-    if args.config:
-        data.update(load_config_file(args.config))
-    for key, value in (parse_override(o) for o in args.overrides):
-        data[key] = value
-    for key in ("data", "data_format", "output_dir"):
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
-    config = TrainConfig.from_dict(data)
+    flags = {key: getattr(args, key) for key in ("data", "data_format", "output_dir")}
+    config = TrainConfig.from_dict(gather_config(args.resume, args.config, flags, args.overrides))
     result = train(config, resume=args.resume)
     print(f"Run directory: {result.run_dir}")
     return 0
