@@ -19,18 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipcraft.data.ranks import rank_and_world_size
+
 if TYPE_CHECKING:
     from clipcraft.model import ClipOutput
 
 LOSS_NAMES = ("clip", "siglip")
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
@@ -42,7 +36,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 def _columns(image_emb: Tensor, text_emb: Tensor, distributed: bool) -> tuple[Tensor, Tensor, int]:
     """The column sets (all images, all texts) and this rank's row offset into them."""
-    world, rank = _world() if distributed else (1, 0)
+    rank, world = rank_and_world_size() if distributed else (0, 1)
     if world == 1:
         return image_emb, text_emb, 0
     return gather_with_grad(image_emb), gather_with_grad(text_emb), rank * image_emb.shape[0]
