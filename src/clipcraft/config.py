@@ -19,6 +19,10 @@ from clipcraft.errors import ClipcraftError
 T = TypeVar("T")
 
 
+# Area fraction range of the training random crop: captions describe the whole picture, so crops stay large.
+TRAIN_CROP_SCALE = (0.9, 1.0)
+
+
 @dataclass
 class PreprocessConfig:
     """How raw images become the image tower's input (resolved from the timm checkpoint's data config)."""
@@ -180,7 +184,7 @@ class TrainConfig:
     val_data: str | None = None  # None: the validation split of `data`
     val_split: str | None = "auto"  # auto: "dev"/"validation" when the format has one; None: no validation
     augment: bool = True  # random resized crop while training (never a horizontal flip)
-    crop_scale: tuple[float, float] = (0.9, 1.0)  # area fraction range of the random crop
+    crop_scale: tuple[float, float] = TRAIN_CROP_SCALE  # area fraction range of the random crop
     max_bad_fraction: float = 0.05  # fail before training when more of the data is bad
     check_images: str = "header"  # none | header | decode: how hard to look at images before training
     num_workers: int = 2  # data loader processes

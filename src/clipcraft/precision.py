@@ -35,7 +35,7 @@ def resolve_precision(precision: str, device: Any) -> str:
         return precision
     import torch
 
-    kind = getattr(device, "type", str(device).split(":")[0])
+    kind = _device_type(device)
     if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if kind == "cpu" and cpu_has_native_bf16() else "fp32"
@@ -46,5 +46,10 @@ def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager[A
     if precision == "bf16":
         import torch
 
-        return torch.autocast(getattr(device, "type", str(device).split(":")[0]), dtype=torch.bfloat16)
+        return torch.autocast(_device_type(device), dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _device_type(device: Any) -> str:
+    """ "cuda" for torch.device("cuda:1") or the string "cuda:1"; "cpu" likewise."""
+    return getattr(device, "type", str(device).split(":")[0])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from clipcraft.config import ImageTowerConfig, PreprocessConfig, TextTowerConfig
+from clipcraft.config import TRAIN_CROP_SCALE, ImageTowerConfig, PreprocessConfig, TextTowerConfig
 from clipcraft.errors import ClipcraftError, PretrainedWeightsError, unknown_name
 from clipcraft.precision import cpu_has_native_bf16
 
@@ -287,8 +287,9 @@ class ImageTower(_Lockable):
     def transform(self, train: bool = False, scale: tuple[float, float] | None = None) -> Any:
         """The PIL -> tensor transform for this tower: eval resize + centre crop, or training augmentation.
 
-        Training uses a random resized crop covering ``scale`` of the image area (default (0.9, 1.0): captions
-        describe the whole picture) and no horizontal flip (captions say "left" and "right").
+        Training uses a random resized crop covering ``scale`` of the image area (default
+        :data:`~clipcraft.config.TRAIN_CROP_SCALE`: captions describe the whole picture) and no horizontal
+        flip (captions say "left" and "right").
         """
         from timm.data import create_transform
 
@@ -302,7 +303,7 @@ class ImageTower(_Lockable):
             crop_pct=p.crop_pct,
             crop_mode=p.crop_mode,
             hflip=0.0,
-            **({"scale": tuple(scale or (0.9, 1.0))} if train else {}),
+            **({"scale": tuple(scale or TRAIN_CROP_SCALE)} if train else {}),
         )
 
 

@@ -46,7 +46,6 @@ def encode_dataset_images(
     return encode_files(model, [record.image for record in dataset.records], settings, progress=progress)
 
 
-@torch.no_grad()
 def text_features(
     model: ClipModel, captions: list[str], *, batch_size: int = 256, precision: str = "fp32"
 ) -> np.ndarray:
