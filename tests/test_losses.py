@@ -70,6 +70,53 @@ def test_siglip_loss_matches_loop_reference():
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
 
 
+def reference_clip_k(img, txt, scale, k):
+    """Several captions per image, element by element: image i's loss is the mean over its k captions of
+    -log softmax over all texts; each caption's loss is -log softmax over all images at its image."""
+    n = img.shape[0]
+    image_terms, text_terms = [], []
+    for i in range(n):
+        row = torch.stack([scale * (img[i] @ txt[t]) for t in range(n * k)])
+        for j in range(k):
+            image_terms.append(-(row[i * k + j] - torch.logsumexp(row, 0)))
+    for t in range(n * k):
+        col = torch.stack([scale * (txt[t] @ img[j]) for j in range(n)])
+        text_terms.append(-(col[t // k] - torch.logsumexp(col, 0)))
+    return (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+
+
+def reference_siglip_k(img, txt, scale, bias, k):
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        for t in range(n * k):
+            z = 1.0 if t // k == i else -1.0
+            total = total - torch.log(torch.sigmoid(z * (scale * (img[i] @ txt[t]) + bias)))
+    return total / n
+
+
+def test_several_captions_per_image_match_loop_references():
+    k = 3
+    img, _ = _embeddings(4, 8, seed=7)
+    _, txt = _embeddings(4 * k, 8, seed=8)
+    scale, bias = torch.tensor(9.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    ours = _value_and_grads(lambda a, b, s: clip_loss(a, b, s), img, txt, scale)
+    ref = _value_and_grads(lambda a, b, s: reference_clip_k(a, b, s, k), img, txt, scale)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+    ours = _value_and_grads(lambda a, b, s, c: siglip_loss(a, b, s, c), img, txt, scale, bias)
+    ref = _value_and_grads(lambda a, b, s, c: reference_siglip_k(a, b, s, c, k), img, txt, scale, bias)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_caption_per_image_is_the_k1_case_and_bad_shapes_are_refused():
+    img, txt = _embeddings(5, 8, seed=9)
+    torch.testing.assert_close(clip_loss(img, txt, 7.0), reference_clip(img, txt, 7.0).float())
+    with pytest.raises(ValueError, match="whole multiple"):
+        clip_loss(img, txt[:4], 7.0)
+
+
 def test_perfect_alignment_gives_low_clip_loss_and_random_gives_about_log_n():
     img, _ = _embeddings(64, 32, seed=3)
     assert clip_loss(img, img, 100.0) < 0.05
@@ -86,24 +133,30 @@ def test_build_loss_rejects_unknown_names():
 
 WORLD = 2
 PER_RANK = 3
+CAPTIONS = (1, 2)  # captions per image
+
+
+def _global_batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    img, _ = _embeddings(WORLD * PER_RANK, 8, seed=5)
+    _, txt = _embeddings(WORLD * PER_RANK * k, 8, seed=6)
+    return img, txt
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    img, txt = _embeddings(WORLD * PER_RANK, 8, seed=5)
-    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     results = {}
-    for name in ("clip", "siglip"):
-        local_img = img[rows].clone().requires_grad_(True)
-        local_txt = txt[rows].clone().requires_grad_(True)
+    for name, k in [(n, k) for n in ("clip", "siglip") for k in CAPTIONS]:
+        img, txt = _global_batch(k)
+        local_img = img[rank * PER_RANK : (rank + 1) * PER_RANK].clone().requires_grad_(True)
+        local_txt = txt[rank * PER_RANK * k : (rank + 1) * PER_RANK * k].clone().requires_grad_(True)
         if name == "clip":
             loss = clip_loss(local_img, local_txt, 12.0, distributed=True)
         else:
             loss = siglip_loss(local_img, local_txt, 10.0, -4.0, distributed=True)
         loss.backward()
-        results[name] = (loss.detach(), local_img.grad, local_txt.grad)
+        results[name, k] = (loss.detach(), local_img.grad, local_txt.grad)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -115,19 +168,20 @@ def test_gathered_losses_equal_single_process_on_the_global_batch(tmp_path):
 
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    img, txt = _embeddings(WORLD * PER_RANK, 8, seed=5)
-    for name in ("clip", "siglip"):
+    for name, k in [(n, k) for n in ("clip", "siglip") for k in CAPTIONS]:
+        img, txt = _global_batch(k)
         full_img, full_txt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
         if name == "clip":
             single = clip_loss(full_img, full_txt, 12.0)
         else:
             single = siglip_loss(full_img, full_txt, 10.0, -4.0)
         single.backward()
-        mean_loss = sum(r[name][0] for r in per_rank) / WORLD
+        mean_loss = sum(r[name, k][0] for r in per_rank) / WORLD
         torch.testing.assert_close(mean_loss, single.detach(), rtol=1e-5, atol=1e-6)
         for r in range(WORLD):
             rows = slice(r * PER_RANK, (r + 1) * PER_RANK)
+            text_rows = slice(r * PER_RANK * k, (r + 1) * PER_RANK * k)
             # DDP averages gradients over ranks: rank gradient / WORLD must equal the single-process one
-            _, g_img, g_txt = per_rank[r][name]
+            _, g_img, g_txt = per_rank[r][name, k]
             torch.testing.assert_close(g_img / WORLD, full_img.grad[rows], rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(g_txt / WORLD, full_txt.grad[rows], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(g_txt / WORLD, full_txt.grad[text_rows], rtol=1e-4, atol=1e-6)

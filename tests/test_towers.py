@@ -202,3 +202,23 @@ def test_partial_lock_leaves_the_last_blocks_trainable():
 def test_unlocking_more_blocks_than_exist_is_an_error():
     with pytest.raises(ClipcraftError, match="only 2 blocks"):
         create_model("tiny", overrides={"image.lock": True, "image.unlocked_groups": 3})
+
+
+def test_training_transform_flips_only_when_asked(tiny_model):
+    """No flip by default (captions say "left" and "right"); hflip=1 always flips; eval never flips."""
+    from PIL import Image
+
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:, :32] = 255  # white left half
+    image = Image.fromarray(pixels)
+    whole = (1.0, 1.0)  # crop the whole image, so only the flip can move the white half
+
+    def left_is_bright(transform) -> bool:
+        torch.manual_seed(0)
+        x = transform(image)
+        half = x.shape[-1] // 2
+        return bool(x[..., :half].mean() > x[..., half:].mean())
+
+    assert left_is_bright(tiny_model.image_transform(train=True, scale=whole))
+    assert not left_is_bright(tiny_model.image_transform(train=True, scale=whole, hflip=1.0))
+    assert left_is_bright(tiny_model.image_transform(train=False, hflip=1.0))

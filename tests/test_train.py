@@ -17,6 +17,7 @@ import torch
 
 from clipcraft.config import TrainConfig
 from clipcraft.demo import write_scene_dataset
+from clipcraft.errors import ClipcraftError
 from clipcraft.model import load
 from clipcraft.train import train
 from clipcraft.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -177,6 +178,46 @@ def test_gradient_accumulation_matches_the_full_batch(scenes: Path, tmp_path: Pa
     )
     full_ckpt, accum_ckpt = load_checkpoint(full.run_dir), load_checkpoint(accum.run_dir)
     _assert_same(full_ckpt["model"], accum_ckpt["model"], exact=False)
+
+
+def test_caption_rows_take_k_captions_per_image_wrapping_round_each_images_own_count() -> None:
+    import numpy as np
+
+    from clipcraft.train.features import FeatureCache
+
+    # three images with 2, 3 and 1 captions; feature row r holds the value r
+    cache = FeatureCache(
+        features=np.arange(6, dtype=np.float32)[:, None], ok=np.ones(3, bool), offsets=np.array([0, 2, 5])
+    )
+    images, first = torch.tensor([1, 0, 2]), torch.tensor([2, 1, 0])
+    assert cache.caption_rows(images, first, 1).flatten().tolist() == [4, 1, 5]
+    assert torch.equal(cache.caption_rows(images, first, 1), cache.rows(images, first))
+    assert cache.caption_rows(images, first, 3).flatten().tolist() == [4, 2, 3, 1, 0, 1, 5, 5, 5]
+
+
+def test_several_captions_per_step_train_and_accumulate_like_the_full_batch(
+    scenes: Path, tmp_path: Path
+) -> None:
+    """captions_per_image=3 (every scene's three captions in each step, from the text cache): training
+    lowers the loss, differs from one caption per step, and gradient accumulation still equals the full
+    batch."""
+    common = {"lock_text": True, "epochs": 1, "max_steps": 4, "augment": False}
+    common["model_overrides"] = {"head.dropout": 0.0}
+    one = train(_config(scenes, tmp_path / "one", **common))
+    full = train(_config(scenes, tmp_path / "full", captions_per_image=3, **common))
+    accum = train(_config(scenes, tmp_path / "accum", captions_per_image=3, grad_accum_steps=2, **common))
+    losses = [r["loss"] for r in _rows(full.run_dir, "step")]
+    assert losses[-1] < losses[0]
+    assert losses != pytest.approx([r["loss"] for r in _rows(one.run_dir, "step")])
+    assert losses == pytest.approx([r["loss"] for r in _rows(accum.run_dir, "step")], rel=1e-5)
+    _assert_same(load_checkpoint(full.run_dir)["model"], load_checkpoint(accum.run_dir)["model"], exact=False)
+
+
+def test_several_captions_per_step_without_a_cached_text_tower_is_refused(
+    scenes: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ClipcraftError, match="captions_per_image=3 needs cached text features"):
+        train(_config(scenes, tmp_path / "refused", captions_per_image=3, epochs=1))
 
 
 def test_siglip_loss_and_locked_image_tower_train(scenes: Path, tmp_path: Path) -> None:

@@ -183,8 +183,9 @@ class TrainConfig:
     train_split: str = "auto"  # auto: "train" for formats with splits, else "all"
     val_data: str | None = None  # None: the validation split of `data`
     val_split: str | None = "auto"  # auto: "dev"/"validation" when the format has one; None: no validation
-    augment: bool = True  # random resized crop while training (never a horizontal flip)
+    augment: bool = True  # random resized crop while training
     crop_scale: tuple[float, float] = TRAIN_CROP_SCALE  # area fraction range of the random crop
+    hflip: float = 0.0  # horizontal flip probability while training (0: captions say "left" and "right")
     max_bad_fraction: float = 0.05  # fail before training when more of the data is bad
     check_images: str = "header"  # none | header | decode: how hard to look at images before training
     num_workers: int = 2  # data loader processes
@@ -203,6 +204,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip_norm: float | None = None
     loss: str = "clip"  # clip | siglip
+    captions_per_image: int = 1  # captions of each image in every step (k > 1 needs a cached text tower)
     precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
     feature_cache: bool = True  # cache features of locked towers whose input is not augmented
     cache_dir: str | None = None  # default: <output_dir>/feature-cache

@@ -1,9 +1,10 @@
 """Contrastive losses over normalised embeddings, separate from the model.
 
-Both losses take image and text embeddings (B, D), L2-normalised, where row i of each is a matching pair,
-and the model's (already exponentiated) logit scale. With ``distributed=True`` inside an initialised
+Both losses take image embeddings (B, D) and text embeddings (B*k, D), L2-normalised, where text rows
+i*k ... i*k+k-1 are the k captions of image i (k = 1: row i of each is a matching pair), and the model's
+(already exponentiated) logit scale. With ``distributed=True`` inside an initialised
 ``torch.distributed`` process group, embeddings from all ranks are gathered *with gradient*; every rank must
-pass the same batch size B.
+pass the same batch size B and the same k.
 
 Distributed contract: each rank returns the loss over its own B rows against all N*B columns. The mean of
 the N returned losses equals the single-process loss on the global batch of N*B pairs, and the gradients
@@ -35,11 +36,27 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 
 def _columns(image_emb: Tensor, text_emb: Tensor, distributed: bool) -> tuple[Tensor, Tensor, int]:
-    """The column sets (all images, all texts) and this rank's row offset into them."""
+    """The column sets (all images, all texts) and this rank's image-row offset into the image columns."""
     rank, world = rank_and_world_size() if distributed else (0, 1)
     if world == 1:
         return image_emb, text_emb, 0
     return gather_with_grad(image_emb), gather_with_grad(text_emb), rank * image_emb.shape[0]
+
+
+def captions_per_image(image_emb: Tensor, text_emb: Tensor) -> int:
+    """k for image embeddings (B, D) and text embeddings (B*k, D); raises when the rows do not divide."""
+    batch, texts = image_emb.shape[0], text_emb.shape[0]
+    if batch == 0 or texts % batch:
+        raise ValueError(f"text rows ({texts}) must be a whole multiple of image rows ({batch})")
+    return texts // batch
+
+
+def _positives(batch: int, k: int, offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(rows, columns) of the B*k matching pairs in the (B, N*B*k) image-to-text logits: image row i
+    matches text columns (offset + i)*k ... (offset + i)*k + k-1."""
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    cols = (rows + offset) * k + torch.arange(k, device=device).repeat(batch)
+    return rows, cols
 
 
 def clip_loss(
@@ -49,18 +66,23 @@ def clip_loss(
 
     Args:
         image_emb: (B, D) normalised image embeddings.
-        text_emb: (B, D) normalised text embeddings; row i matches image row i.
+        text_emb: (B*k, D) normalised text embeddings; rows i*k ... i*k+k-1 match image row i.
         logit_scale: scalar multiplier (exp of the learnable log scale).
         distributed: gather columns from all ranks (see the module docstring).
 
-    Returns: scalar loss, mean of the image->text and text->image cross-entropies, computed in float32.
+    Returns: scalar loss in float32, the mean of the image->text and text->image cross-entropies. With k > 1
+    each image's target spreads evenly over its k captions (the mean of the k cross-entropies), and each
+    caption's target is its image; k = 1 is the usual CLIP loss.
     """
     image_emb, text_emb = image_emb.float(), text_emb.float()
+    k = captions_per_image(image_emb, text_emb)
     all_images, all_texts, offset = _columns(image_emb, text_emb, distributed)
-    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset  # (B,)
-    logits_per_image = logit_scale * image_emb @ all_texts.T  # (B, N*B)
-    logits_per_text = logit_scale * text_emb @ all_images.T  # (B, N*B)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    logits_per_image = logit_scale * image_emb @ all_texts.T  # (B, N*B*k)
+    logits_per_text = logit_scale * text_emb @ all_images.T  # (B*k, N*B)
+    rows, cols = _positives(image_emb.shape[0], k, offset, image_emb.device)
+    image_loss = -logits_per_image.log_softmax(dim=1)[rows, cols].mean()
+    text_loss = F.cross_entropy(logits_per_text, rows + offset)
+    return (image_loss + text_loss) / 2
 
 
 def siglip_loss(
@@ -75,15 +97,16 @@ def siglip_loss(
 
     ``loss = -1/B * sum_ij log sigmoid(z_ij * (scale * <img_i, txt_j> + bias))`` with z_ij = +1 for matching
     pairs and -1 otherwise: summed over pairs, averaged over the batch's images, as in the SigLIP paper.
-    Shapes as for :func:`clip_loss`; ``logit_bias`` is a scalar added to every logit.
+    Shapes as for :func:`clip_loss` (with k captions per image, all k are matches); ``logit_bias`` is a
+    scalar added to every logit.
     """
     image_emb, text_emb = image_emb.float(), text_emb.float()
+    k = captions_per_image(image_emb, text_emb)
     _, all_texts, offset = _columns(image_emb, text_emb, distributed)
     batch = image_emb.shape[0]
-    logits = logit_scale * image_emb @ all_texts.T + logit_bias  # (B, N*B)
+    logits = logit_scale * image_emb @ all_texts.T + logit_bias  # (B, N*B*k)
     signs = -torch.ones_like(logits)
-    rows = torch.arange(batch, device=logits.device)
-    signs[rows, rows + offset] = 1.0
+    signs[_positives(batch, k, offset, logits.device)] = 1.0
     return -F.logsigmoid(signs * logits).sum() / batch
 
 

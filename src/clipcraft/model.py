@@ -92,9 +92,11 @@ class ClipModel(nn.Module):
     def tokenizer(self) -> Any:
         return self.text_tower.tokenizer
 
-    def image_transform(self, train: bool = False, scale: tuple[float, float] | None = None) -> Any:
+    def image_transform(
+        self, train: bool = False, scale: tuple[float, float] | None = None, hflip: float = 0.0
+    ) -> Any:
         """PIL image -> (3, H, W) tensor, from the image tower's data config (see :meth:`ImageTower.transform`)."""
-        return self.image_tower.transform(train, scale=scale)
+        return self.image_tower.transform(train, scale=scale, hflip=hflip)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Captions -> ``{"input_ids", "attention_mask"}`` (B, L), truncated to the tower's max length."""

@@ -284,12 +284,14 @@ class ImageTower(_Lockable):
         with ctx, matmul_precision_context():
             return self.trunk(images)
 
-    def transform(self, train: bool = False, scale: tuple[float, float] | None = None) -> Any:
+    def transform(
+        self, train: bool = False, scale: tuple[float, float] | None = None, hflip: float = 0.0
+    ) -> Any:
         """The PIL -> tensor transform for this tower: eval resize + centre crop, or training augmentation.
 
         Training uses a random resized crop covering ``scale`` of the image area (default
-        :data:`~clipcraft.config.TRAIN_CROP_SCALE`: captions describe the whole picture) and no horizontal
-        flip (captions say "left" and "right").
+        :data:`~clipcraft.config.TRAIN_CROP_SCALE`: captions describe the whole picture) and a horizontal
+        flip with probability ``hflip`` (default none: captions say "left" and "right").
         """
         from timm.data import create_transform
 
@@ -302,7 +304,7 @@ class ImageTower(_Lockable):
             std=tuple(p.std),
             crop_pct=p.crop_pct,
             crop_mode=p.crop_mode,
-            hflip=0.0,
+            hflip=hflip if train else 0.0,
             **({"scale": tuple(scale or TRAIN_CROP_SCALE)} if train else {}),
         )
 

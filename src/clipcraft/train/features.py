@@ -98,6 +98,17 @@ class FeatureCache:
             idx = self.offsets[idx] + caption_indices.numpy()
         return torch.from_numpy(np.ascontiguousarray(self.features[idx]))
 
+    def caption_rows(self, image_indices: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+        """(B*k, F) features of k captions per image: rows i*k ... i*k+k-1 are captions ``first[i]``,
+        ``first[i] + 1``, ... of image ``image_indices[i]``, wrapping around its own caption count (an
+        image with fewer than k captions repeats them). ``k = 1`` equals :meth:`rows`."""
+        assert self.offsets is not None, "caption rows exist only in a text cache"
+        idx = image_indices.numpy()
+        counts = np.diff(np.append(self.offsets, len(self.features)))[idx]
+        steps = np.arange(k)[None, :]
+        rows = self.offsets[idx][:, None] + (first.numpy()[:, None] + steps) % counts[:, None]
+        return torch.from_numpy(np.ascontiguousarray(self.features[rows.reshape(-1)]))
+
 
 def build_or_load_cache(
     model: ClipModel,

@@ -102,6 +102,13 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
     )
     if index_map is not None:
         train_set = train_set.subset(index_map.tolist())
+    if config.captions_per_image < 1:
+        raise ClipcraftError(f"captions_per_image must be at least 1, got {config.captions_per_image}.")
+    if config.captions_per_image > 1 and text_cache is None:
+        raise ClipcraftError(
+            f"captions_per_image={config.captions_per_image} needs cached text features: set lock_text=true "
+            "(and keep feature_cache=true), or use captions_per_image=1."
+        )
 
     sampler = CaptionGroupedBatchSampler(
         train_set, config.batch_size, seed=config.seed, num_replicas=dist.world_size, rank=dist.rank
@@ -112,7 +119,7 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
         train_set,
         transform=None
         if image_cache is not None
-        else model.image_transform(train=config.augment, scale=config.crop_scale),
+        else model.image_transform(train=config.augment, scale=config.crop_scale, hflip=config.hflip),
         seed=config.seed,
     )
     loader = DataLoader(
@@ -272,8 +279,9 @@ def _train_step(
         inputs["image_features"] = image_cache.rows(original).to(device)
     else:
         inputs["images"] = batch.images[:size].to(device, non_blocking=True)
+    k = config.captions_per_image
     if text_cache is not None:
-        inputs["text_features"] = text_cache.rows(original, caption_indices[:size]).to(device)
+        inputs["text_features"] = text_cache.caption_rows(original, caption_indices[:size], k).to(device)
     else:
         inputs["texts"] = {k: v[:size].to(device) for k, v in batch.tokens.items()}
 
@@ -286,7 +294,7 @@ def _train_step(
         return loss.detach()
 
     chunks = [c for c in torch.arange(size).chunk(accum) if len(c)]
-    parts = [_slice(inputs, c) for c in chunks]
+    parts = [_slice(inputs, c, k) for c in chunks]
     with torch.no_grad(), autocast(device, precision):
         cached = [model(**p) for p in parts]
     images = [c.image_embeddings for c in cached]
@@ -312,10 +320,16 @@ def _train_step(
     return total
 
 
-def _slice(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+def _slice(inputs: dict[str, Any], rows: torch.Tensor, captions: int) -> dict[str, Any]:
+    """The model inputs of image rows ``rows``; cached text features hold ``captions`` rows per image."""
     out: dict[str, Any] = {}
     for key, value in inputs.items():
-        out[key] = {k: v[rows] for k, v in value.items()} if isinstance(value, dict) else value[rows]
+        if isinstance(value, dict):
+            out[key] = {k: v[rows] for k, v in value.items()}
+        elif key == "text_features":
+            out[key] = value[(rows[:, None] * captions + torch.arange(captions)).reshape(-1)]
+        else:
+            out[key] = value[rows]
     return out
 
 
