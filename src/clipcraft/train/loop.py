@@ -127,6 +127,7 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
         batch_sampler=_EpochKeys(sampler),
         collate_fn=_TrainCollate(None if text_cache is not None else model.tokenize),
         num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,  # no worker start-up at every epoch
         pin_memory=dist.device.type == "cuda",
         generator=torch.Generator().manual_seed(config.seed),  # keeps the main RNG for dropout only
     )
