@@ -218,6 +218,13 @@ def test_several_captions_per_step_without_a_cached_text_tower_is_refused(
 ) -> None:
     with pytest.raises(ClipcraftError, match="captions_per_image=3 needs cached text features"):
         train(_config(scenes, tmp_path / "refused", captions_per_image=3, epochs=1))
+    with pytest.raises(ClipcraftError, match="captions_per_image=2 needs cached text features"):
+        train(
+            _config(scenes, tmp_path / "nocache", captions_per_image=2, lock_text=True, feature_cache=False)
+        )
+    with pytest.raises(ClipcraftError, match="at least 1"):
+        train(_config(scenes, tmp_path / "zero", captions_per_image=0))
+    assert not (tmp_path / "nocache" / "feature-cache").exists()  # refused before any work
 
 
 def test_siglip_loss_and_locked_image_tower_train(scenes: Path, tmp_path: Path) -> None:

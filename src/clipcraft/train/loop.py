@@ -87,6 +87,7 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
     if config.loss == "clip":
         model.logit_bias.requires_grad_(False)  # unused by the softmax loss (and DDP insists on used params)
     precision = resolve_precision(config.precision, dist.device)
+    _check_captions_per_image(config, model)
 
     # -- data: read, check before training, and open the validation split
     fmt = detect_format(config.data) if config.data_format is None else config.data_format
@@ -102,13 +103,6 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
     )
     if index_map is not None:
         train_set = train_set.subset(index_map.tolist())
-    if config.captions_per_image < 1:
-        raise ClipcraftError(f"captions_per_image must be at least 1, got {config.captions_per_image}.")
-    if config.captions_per_image > 1 and text_cache is None:
-        raise ClipcraftError(
-            f"captions_per_image={config.captions_per_image} needs cached text features: set lock_text=true "
-            "(and keep feature_cache=true), or use captions_per_image=1."
-        )
 
     sampler = CaptionGroupedBatchSampler(
         train_set, config.batch_size, seed=config.seed, num_replicas=dist.world_size, rank=dist.rank
@@ -424,6 +418,18 @@ def _build_model(config: TrainConfig) -> ClipModel:
         image_checkpoint=config.image_checkpoint,
         overrides=overrides,
     )
+
+
+def _check_captions_per_image(config: TrainConfig, model: ClipModel) -> None:
+    """Several captions per step come from the text feature cache: refuse before any work otherwise."""
+    k = config.captions_per_image
+    if k < 1:
+        raise ClipcraftError(f"captions_per_image must be at least 1, got {k}.")
+    if k > 1 and not (model.text_tower.fully_locked and config.feature_cache):
+        raise ClipcraftError(
+            f"captions_per_image={k} needs cached text features: set lock_text=true (and keep "
+            "feature_cache=true), or use captions_per_image=1."
+        )
 
 
 def _splits(config: TrainConfig, fmt: str) -> tuple[str, str | None, str | None]:
