@@ -6,7 +6,7 @@ i*k ... i*k+k-1 are the k captions of image i (k = 1: row i of each is a matchin
 ``torch.distributed`` process group, embeddings from all ranks are gathered *with gradient*; every rank must
 pass the same batch size B and the same k.
 
-Distributed contract: each rank returns the loss over its own B rows against all N*B columns. The mean of
+Distributed contract: each rank returns the loss over its own rows against all N ranks' columns. The mean of
 the N returned losses equals the single-process loss on the global batch of N*B pairs, and the gradients
 reaching each rank's embeddings are N times the single-process gradients, so after DDP averages gradients
 across ranks every parameter receives exactly the single-process gradient.

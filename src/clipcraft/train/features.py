@@ -91,17 +91,15 @@ class FeatureCache:
     ok: np.ndarray
     offsets: np.ndarray | None = None
 
-    def rows(self, image_indices: torch.Tensor, caption_indices: torch.Tensor | None = None) -> torch.Tensor:
-        idx = image_indices.numpy()
-        if self.offsets is not None:
-            assert caption_indices is not None
-            idx = self.offsets[idx] + caption_indices.numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.features[idx]))
+    def rows(self, image_indices: torch.Tensor) -> torch.Tensor:
+        """(B, F) features of an image cache, one row per image."""
+        assert self.offsets is None, "a text cache has one row per caption: use caption_rows"
+        return torch.from_numpy(np.ascontiguousarray(self.features[image_indices.numpy()]))
 
     def caption_rows(self, image_indices: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
         """(B*k, F) features of k captions per image: rows i*k ... i*k+k-1 are captions ``first[i]``,
         ``first[i] + 1``, ... of image ``image_indices[i]``, wrapping around its own caption count (an
-        image with fewer than k captions repeats them). ``k = 1`` equals :meth:`rows`."""
+        image with fewer than k captions repeats them)."""
         assert self.offsets is not None, "caption rows exist only in a text cache"
         idx = image_indices.numpy()
         counts = np.diff(np.append(self.offsets, len(self.features)))[idx]

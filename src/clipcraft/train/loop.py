@@ -274,9 +274,10 @@ def _train_step(
         inputs["image_features"] = image_cache.rows(original).to(device)
     else:
         inputs["images"] = batch.images[:size].to(device, non_blocking=True)
-    k = config.captions_per_image
+    captions = config.captions_per_image
     if text_cache is not None:
-        inputs["text_features"] = text_cache.caption_rows(original, caption_indices[:size], k).to(device)
+        features = text_cache.caption_rows(original, caption_indices[:size], captions)
+        inputs["text_features"] = features.to(device)
     else:
         inputs["texts"] = {k: v[:size].to(device) for k, v in batch.tokens.items()}
 
@@ -289,7 +290,7 @@ def _train_step(
         return loss.detach()
 
     chunks = [c for c in torch.arange(size).chunk(accum) if len(c)]
-    parts = [_slice(inputs, c, k) for c in chunks]
+    parts = [_slice(inputs, c, captions) for c in chunks]
     with torch.no_grad(), autocast(device, precision):
         cached = [model(**p) for p in parts]
     images = [c.image_embeddings for c in cached]
