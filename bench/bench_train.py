@@ -1,4 +1,5 @@
-"""Training-step throughput and peak memory: clipcraft's seed architecture vs open_clip, side by side, on CPU.
+"""Training-step throughput and peak memory: clipcraft's seed architecture vs open_clip, side by side, on CPU
+or on a CUDA GPU (``--device cuda``).
 
 Both models: the same timm trunk (``vit_base_patch16_224``, random weights, CLS pooling) and the same
 transformers MPNet-base text tower built from ``clipcraft.presets.MPNET_BASE`` (no hub), mean pooling. Heads
@@ -9,12 +10,16 @@ has no MPNet entry, so MPNet is registered in it as RoBERTa-like with mean pooli
 One step = forward of both towers on a batch (224x224 images, captions of 12-20 tokens padded to the batch
 maximum), CLIP loss, backward, AdamW step (same settings for both). Timed steps alternate between the two
 models (A B B A ...) so that load from other jobs on the shared CPU hits both alike; figures are medians.
-Peak memory is measured for each model in its own subprocess (VmHWM of /proc/self/status) so the two do
-not pollute each other.
+On CPU, peak memory is measured for each model in its own subprocess (VmHWM of /proc/self/status) so the
+two do not pollute each other. On CUDA, both models and batches live on the GPU, each step is bracketed by
+``torch.cuda.synchronize()``, and peak memory is measured in-process, one model at a time (built, measured
+with ``torch.cuda.max_memory_allocated``, freed), under ``*_cuda_*_mib`` keys (GPU allocator memory, not RSS).
 
     .venv/bin/python bench/bench_train.py            # batch 16, bf16, 2 warm-up + 5 timed steps each
     .venv/bin/python bench/bench_train.py --quick    # batch 2, 1 warm-up + 2 timed steps each
     .venv/bin/python bench/bench_train.py --lit      # image tower locked (LiT), epochs after the first
+    python bench/bench_train.py --device cuda --batch 128 --steps 20     # GPU (default 3 warm-up + 20 steps)
+    python bench/bench_train.py --device cuda --batch 64 256 --libs clipcraft  # several batch sizes
 
 With ``--lit`` the image tower is frozen in both. clipcraft then runs it once per image and trains from its
 cached features (the first step, a warm-up, fills the cache, as the first epoch does in ``clipcraft train``);
@@ -26,9 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -119,8 +126,11 @@ def build_open_clip(lit: bool = False) -> tuple[torch.nn.Module, Callable[..., t
 BUILDERS = {"clipcraft": build_clipcraft, "open_clip": build_open_clip}
 
 
-def make_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images (B, 3, 224, 224) and MPNet-style token ids / mask (B, L): <s> ... </s>, 12-20 tokens, pad id 1."""
+def make_batch(
+    batch: int, seed: int = 0, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (B, 3, 224, 224) and MPNet-style token ids / mask (B, L): <s> ... </s>, 12-20 tokens, pad id 1.
+    Generated on CPU (the same values on every device), then moved to ``device`` if given."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, 224, 224, generator=gen)
     lengths = torch.randint(12, 21, (batch,), generator=gen)
@@ -131,31 +141,42 @@ def make_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
         ids[i, :n] = torch.randint(5, 30527, (n,), generator=gen)
         ids[i, 0], ids[i, n - 1] = 0, 2  # <s>, </s>
         mask[i, :n] = 1
+    if device is not None:
+        images, ids, mask = images.to(device), ids.to(device), mask.to(device)
     return images, ids, mask
 
 
 class Trainer:
     """One model, its loss and its AdamW; ``step()`` runs one training step and returns its seconds."""
 
-    def __init__(self, lib: str, precision: str, fused: bool, lit: bool = False) -> None:
+    def __init__(
+        self, lib: str, precision: str, fused: bool, lit: bool = False, device: torch.device | None = None
+    ) -> None:
+        self.device = torch.device("cpu") if device is None else device
         torch.manual_seed(0)
-        self.model, self.loss_fn = BUILDERS[lib](lit)
+        model, self.loss_fn = BUILDERS[lib](lit)  # built on CPU (same init on every device), then moved
+        self.model = model.to(self.device)  # in place: the loss closures see the moved model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, **ADAMW, **({"fused": True} if fused else {}))
         self.precision = precision
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> float:
+        cuda = self.device.type == "cuda"
         autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"
             else contextlib.nullcontext()
         )
+        if cuda:
+            torch.cuda.synchronize(self.device)  # nothing queued before the step counts in its time
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         with autocast:
             loss = self.loss_fn(*batch)
         loss.backward()
         self.opt.step()
+        if cuda:
+            torch.cuda.synchronize(self.device)  # the step's kernels have all run
         seconds = time.perf_counter() - start
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()}")
@@ -189,6 +210,40 @@ def measure_memory(lib: str, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def _mib(n_bytes: int) -> float:
+    return round(n_bytes / 2**20, 1)
+
+
+def measure_memory_cuda(lib: str, args: argparse.Namespace) -> dict[str, float]:
+    """In this process, one model at a time (the other one freed): GPU allocator memory after building (model,
+    batch; AdamW states come on the first step), and its peak over ``args.memory_steps`` training steps.
+    Figures are relative to what was allocated before building (e.g. cuBLAS workspaces kept from earlier)."""
+    device = args.torch_device
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    batch = make_batch(args.batch, device=device)
+    trainer = Trainer(lib, args.precision, args.fused, args.lit, device)
+    torch.cuda.synchronize(device)
+    built = torch.cuda.memory_allocated(device)
+    for _ in range(args.memory_steps):
+        trainer.step(batch)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    reserved = torch.cuda.max_memory_reserved(device)
+    del trainer, batch
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {
+        "peak_cuda_allocated_mib": _mib(peak - base),
+        "after_build_cuda_allocated_mib": _mib(built - base),
+        "training_cuda_allocated_mib": _mib(peak - built),
+        "peak_cuda_reserved_mib": _mib(reserved),
+    }
+
+
 def memory_in_subprocess(lib: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--memory-child", lib, "--batch", str(args.batch)]
     cmd += [
@@ -207,26 +262,48 @@ def memory_in_subprocess(lib: str, args: argparse.Namespace) -> dict[str, float]
 
 def measure_speed(args: argparse.Namespace) -> dict[str, list[float]]:
     """Interleaved steps: warm-ups, then timed steps in A B B A order; returns seconds per timed step."""
-    batch = make_batch(args.batch)
-    trainers = {lib: Trainer(lib, args.precision, args.fused, args.lit) for lib in args.libs}
+    device = args.torch_device
+    d = 1 if device.type == "cpu" else 4  # decimals of the printed step times
+    batch = make_batch(args.batch, device=None if device.type == "cpu" else device)
+    trainers = {lib: Trainer(lib, args.precision, args.fused, args.lit, device) for lib in args.libs}
     for i in range(args.warmup):
         for lib in trainers:
-            print(f"  warm-up {i + 1}/{args.warmup} {lib}: {trainers[lib].step(batch):.1f}s", flush=True)
+            print(f"  warm-up {i + 1}/{args.warmup} {lib}: {trainers[lib].step(batch):.{d}f}s", flush=True)
     times: dict[str, list[float]] = {lib: [] for lib in trainers}
     order = list(trainers)
     for i in range(args.steps):
         for lib in order if i % 2 == 0 else order[::-1]:
             times[lib].append(trainers[lib].step(batch))
-            print(f"  step {i + 1}/{args.steps} {lib}: {times[lib][-1]:.1f}s", flush=True)
+            print(f"  step {i + 1}/{args.steps} {lib}: {times[lib][-1]:.{d}f}s", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        activities = [ProfilerActivity.CPU]
+        sort_by, what = "self_cpu_time_total", "self CPU time"
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+            sort_by, what = "self_device_time_total", "self CUDA time"
         for lib, trainer in trainers.items():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=activities) as prof:
                 trainer.step(batch)
-            print(f"\nprofile of one {lib} step (top ops by self CPU time):")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+            print(f"\nprofile of one {lib} step (top ops by {what}):")
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile))
     return times
+
+
+def _device(value: str) -> str:
+    """argparse type of ``--device``: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _open_clip_version() -> str | None:
+    try:
+        import open_clip
+    except ImportError:
+        return None
+    return open_clip.__version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +311,26 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="batch 2, 1 warm-up + 2 timed steps: minutes")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 16; 2 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 5)")
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="cpu (default), cuda or cuda:N: where models and batches live",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="batch size(s) (default 16; 2 with --quick); several run one after the other, one JSON each",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per model (default 2; 3 on CUDA)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per model (default 5; 20 on CUDA)"
+    )
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast or float32")
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) for both models")
     parser.add_argument(
@@ -244,59 +338,150 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--libs", nargs="+", choices=LIBS, default=list(LIBS))
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory run")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="profile one step, print top N ops"
     )
-    parser.add_argument("--out", default="bench/results/train.json", help="where to write the JSON results")
+    parser.add_argument(
+        "--out",
+        default="bench/results/train.json",
+        help="where to write the JSON results (several batches: one file each, NAME_b<batch>.json)",
+    )
     parser.add_argument("--memory-child", choices=LIBS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.batch = args.batch or (2 if args.quick else 16)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.steps = args.steps or (2 if args.quick else 5)
+    cuda = args.device.startswith("cuda")
+    batches = args.batch or [2 if args.quick else 16]
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3 if cuda else 2)
+    args.steps = args.steps or (2 if args.quick else 20 if cuda else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if cuda:
+        if not torch.cuda.is_available():
+            parser.error(
+                f"--device {args.device}: torch.cuda.is_available() is False (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}); no usable GPU here, run with --device cpu"
+            )
+        index = torch.device(args.device).index
+        if index is not None and index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    args.torch_device = torch.device(args.device)
+    if args.torch_device.type == "cuda" and args.torch_device.index is None:
+        args.torch_device = torch.device("cuda", torch.cuda.current_device())
+    if args.torch_device.type == "cuda":
+        torch.cuda.set_device(args.torch_device)  # anything created on "cuda" without an index lands here too
 
-    if args.memory_child:
+    if args.memory_child:  # CPU only: a fresh process per model, for its VmHWM
+        args.batch = batches[0]
         print(json.dumps(measure_memory(args.memory_child, args)))
         return 0
 
+    if "open_clip" in args.libs:
+        try:
+            import open_clip  # noqa: F401
+        except ImportError as exc:
+            print(
+                f"error: --libs includes open_clip, but it cannot be imported ({exc!r}).\n"
+                "Install open_clip_torch (and its dependency ftfy), or run clipcraft alone: --libs clipcraft",
+                file=sys.stderr,
+            )
+            return 2
+
+    out = Path(args.out)
+    for batch in batches:
+        args.batch = batch
+        path = out if len(batches) == 1 else out.with_name(f"{out.stem}_b{batch}{out.suffix or '.json'}")
+        run_one(args, argv, path)
+    return 0
+
+
+def run_one(args: argparse.Namespace, argv: list[str] | None, out: Path) -> None:
+    """Speed, then memory, for ``args.batch``; prints a table and writes the JSON results to ``out``."""
+    device = args.torch_device
+    cuda = device.type == "cuda"
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if cuda else "cpu"
     print(
-        f"batch {args.batch}, {args.precision}, {args.warmup} warm-up + {args.steps} timed steps each, "
-        f"{torch.get_num_threads()} threads",
+        f"{where}: batch {args.batch}, {args.precision}, {args.warmup} warm-up + {args.steps} timed steps "
+        f"each, {torch.get_num_threads()} threads",
         flush=True,
     )
-    times = measure_speed(args)
+    digits = 4 if cuda else 2  # step times: GPU steps take a fraction of a second
     rows: dict[str, dict[str, Any]] = {}
-    for lib, seconds in times.items():
-        median = statistics.median(seconds)
-        rows[lib] = {"step_s": [round(s, 2) for s in seconds], "median_step_s": round(median, 2)}
-        rows[lib]["samples_per_s"] = round(args.batch / median, 3)
-    if not args.no_memory:
-        for lib in rows:
-            print(f"  peak memory: {lib} ...", flush=True)
-            rows[lib].update(memory_in_subprocess(lib, args))
+    error = None
+    try:
+        times = measure_speed(args)
+        for lib, seconds in times.items():
+            median = statistics.median(seconds)
+            rows[lib] = {
+                "step_s": [round(s, digits) for s in seconds],
+                "median_step_s": round(median, digits),
+            }
+            rows[lib]["samples_per_s"] = round(args.batch / median, 3)
+        del times
+        if not args.no_memory:
+            for lib in rows:
+                print(f"  peak memory: {lib} ...", flush=True)
+                if cuda:
+                    rows[lib].update(measure_memory_cuda(lib, args))
+                else:
+                    rows[lib].update(memory_in_subprocess(lib, args))
+    except torch.cuda.OutOfMemoryError as exc:  # record it and go on with the next batch size
+        error = f"CUDA out of memory at batch {args.batch}: {str(exc).splitlines()[0]}"
+        print(f"  {error}", flush=True)
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
 
     ratio = None
-    if set(rows) == set(LIBS):
+    if error is None and set(rows) == set(LIBS):
         ratio = round(rows["clipcraft"]["samples_per_s"] / rows["open_clip"]["samples_per_s"], 2)
-    print("\n| library | samples/s | median step (s) | peak RSS (MiB) | training memory (MiB) |")
+    if cuda:
+        print("\n| library | samples/s | median step (s) | peak CUDA allocated (MiB) | training CUDA (MiB) |")
+        peak_key, train_key, fmt = "peak_cuda_allocated_mib", "training_cuda_allocated_mib", ".4f"
+    else:
+        print("\n| library | samples/s | median step (s) | peak RSS (MiB) | training memory (MiB) |")
+        peak_key, train_key, fmt = "peak_rss_mib", "training_mib", ".1f"
     print("|---|---:|---:|---:|---:|")
     for lib, row in rows.items():
-        peak, train = row.get("peak_rss_mib", "-"), row.get("training_mib", "-")
-        print(f"| {lib} | {row['samples_per_s']:.3f} | {row['median_step_s']:.1f} | {peak} | {train} |")
+        peak, train = row.get(peak_key, "-"), row.get(train_key, "-")
+        print(f"| {lib} | {row['samples_per_s']:.3f} | {row['median_step_s']:{fmt}} | {peak} | {train} |")
     if ratio is not None:
         print(f"\nclipcraft / open_clip samples/s: {ratio:.2f}x")
 
-    import open_clip
     import timm
     import transformers
 
+    import clipcraft
+
+    machine: dict[str, Any] = {"device": "cpu"}
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        machine = {
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device),
+            "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "highest": no TF32
+        }
+    machine |= {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "open_clip": _open_clip_version(),
+        "clipcraft": getattr(clipcraft, "__version__", None),
+    }
     result = {
-        "benchmark": "train_step_cpu",
+        "benchmark": f"train_step_{device.type}",
         "command": "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {
+            "device": str(device),
+            "libs": list(args.libs),
             "batch": args.batch,
             "precision": args.precision,
             "warmup": args.warmup,
@@ -304,27 +489,18 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "adamw": {**ADAMW, "fused": args.fused},
             "memory_steps": args.memory_steps,
+            "memory": None if args.no_memory else ("cuda_max_memory_allocated" if cuda else "vm_hwm"),
             "lit": args.lit,
         },
-        "machine": {
-            "cpu": _cpu_name(),
-            "cores": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "transformers": transformers.__version__,
-            "open_clip": open_clip.__version__,
-        },
+        "machine": machine,
         "results": rows,
         "clipcraft_over_open_clip": ratio,
+        "error": error,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+    print(f"wrote {out}", flush=True)
 
 
 def _cpu_name() -> str:

@@ -293,11 +293,12 @@ def test_shipped_configs_are_valid_train_configs(name: str) -> None:
     from clipcraft.config import load_config_file
 
     config = TrainConfig.from_dict(load_config_file(Path(__file__).parents[1] / "configs" / name))
-    assert config.lr_heads == 1e-3
     if name == "seed.yaml":
-        assert config.model == "seed" and config.lr_image_tower == config.lr_text_tower == 1e-5
+        assert config.model == "seed" and config.lr_heads == 1e-3
+        assert config.lr_image_tower == config.lr_text_tower == 1e-5  # each tower its own rate
     else:
         assert config.lock_text and config.data.endswith("flickr8k")
+        assert config.captions_per_image > 1 and config.feature_cache  # k captions need the text cache
 
 
 def _copy_scenes(scenes: Path, dest: Path) -> Path:

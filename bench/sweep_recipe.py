@@ -1,0 +1,433 @@
+"""Hyper-parameter sweep of the offline recipe (Flickr8k, MiniLM locked and cached, ViT-Tiny from scratch) on a
+GPU, from a small data pack, to choose the settings that ``configs/flickr8k-minilm-vit-tiny.yaml`` then runs on
+the CPU.
+
+The CPU recipe affords about 35 epochs in its 60 minutes, so a sweep of a dozen settings there would take a
+day. On a GPU the whole 35-epoch run takes under a minute, but the GPU machine cannot read ../shared/data and
+takes at most 64 MiB along. Hence two steps:
+
+    # here (CPU): 7,000 train + val images as 112 px centre squares (JPEG q90) and the MiniLM features of
+    # their 35,000 captions (int8, one scale per row): about 45 MiB
+    .venv/bin/python bench/sweep_recipe.py pack --data ../shared/data/flickr8k --out .pack
+    # on the GPU machine: every setting of the grid for the same number of epochs, several processes at once
+    python bench/sweep_recipe.py run --pack .pack --out results.json --budget 420
+
+The sweep's training step is the recipe's: ``clipcraft.create_model`` with the recipe's overrides, the
+trainer's optimizer groups and warmup + cosine schedule (``clipcraft.train.optim``), ``clip_loss`` /
+``siglip_loss`` over the k cached captions of each image, ``clamp_logit_scale``, and validation recall from
+``clipcraft.evaluation.retrieval`` on the 1,000 val images x 5,000 captions. What differs from the CPU run, and
+why the sweep only ranks settings (the chosen one is then measured on the CPU): images come from 112 px centre
+squares rather than the full photo (the random crop is the same kind, scale and ratio, done on the GPU with
+``grid_sample``), matrix products use TF32, and caption features are int8-rounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SIZE = 112  # side of the stored centre squares
+
+# The recipe as shipped in configs/flickr8k-minilm-vit-tiny.yaml, at 35 epochs.
+BASE: dict[str, Any] = {
+    "epochs": 35,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "warmup_steps": 100,
+    "min_lr_ratio": 0.0,
+    "crop_scale": (0.5, 1.0),
+    "hflip": 0.5,
+    "captions_per_image": 5,
+    "loss": "clip",
+    "img_size": 96,
+    "seed": 0,
+    "model_overrides": {},  # extra dotted ModelConfig keys
+}
+
+# One change (or a few) from BASE per row.
+GRID: list[dict[str, Any]] = [  # in priority order: rows that do not fit the time budget are the last ones
+    {},
+    {"epochs": 26},  # the previous CPU run's schedule: calibrates the sweep against the CPU's 0.110
+    {"lr": 2e-3},
+    {"model_overrides": {"image.model_kwargs.drop_path_rate": 0.1}},
+    {"lr": 5e-4},
+    {"weight_decay": 0.3},
+    {"crop_scale": (0.25, 1.0)},
+    {"model_overrides": {"head.kind": "linear"}},
+    {"model_overrides": {"embed_dim": 512}},
+    {"loss": "siglip"},
+    {"batch_size": 64},
+    {"img_size": 64, "epochs": 55},  # the same CPU time as 96 px x 35 epochs
+    {"img_size": 80, "epochs": 45},
+    {"crop_scale": (0.8, 1.0)},
+    {"model_overrides": {"head.dropout": 0.0}},
+    {"weight_decay": 0.02},
+    {"warmup_steps": 400},
+    {"hflip": 0.0},
+    {"lr": 2e-3, "model_overrides": {"image.model_kwargs.drop_path_rate": 0.1}},
+    {"epochs": 50},
+    {"batch_size": 256, "lr": 2e-3},
+    {"model_overrides": {"init_logit_scale": math.log(1 / 0.03)}},
+    {"captions_per_image": 1},
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pack (CPU)
+
+
+def _square(path: str, size: int) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
+        im = im.convert("RGB")
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+
+def pack(args: argparse.Namespace) -> int:
+    import clipcraft
+    from clipcraft.data import open_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = clipcraft.create_model(
+        "minilm-vit-tiny"
+    )  # the real MiniLM (installed package); image tower unused
+    meta: dict[str, Any] = {"size": SIZE, "splits": {}}
+    for split in ("train", "val"):
+        ds = open_dataset(args.data, split=split)
+        blobs = [_square(r.image, SIZE) for r in ds.records]
+        offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        (out / f"{split}-images.bin").write_bytes(b"".join(blobs))
+        np.save(out / f"{split}-image-offsets.npy", offsets)
+        captions = [c for r in ds.records for c in r.captions]
+        counts = np.array([len(r.captions) for r in ds.records], dtype=np.int64)
+        feats = model.encode_texts(captions, batch_size=256, normalize=False, project=False)
+        scale = np.abs(feats).max(axis=1, keepdims=True) / 127.0
+        np.save(out / f"{split}-text-int8.npy", np.round(feats / scale).astype(np.int8))
+        np.save(out / f"{split}-text-scale.npy", scale.astype(np.float32))
+        np.save(out / f"{split}-caption-counts.npy", counts)
+        meta["splits"][split] = {
+            "images": len(blobs),
+            "captions": len(captions),
+            "image_bytes": int(offsets[-1]),
+        }
+        print(
+            f"{split}: {len(blobs)} images ({offsets[-1] / 2**20:.1f} MiB), {len(captions)} captions",
+            flush=True,
+        )
+    meta["preprocess"] = {
+        "mean": list(model.config.image.preprocess.mean) if model.config.image.preprocess else [0.5] * 3,
+        "std": list(model.config.image.preprocess.std) if model.config.image.preprocess else [0.5] * 3,
+        "crop_pct": model.config.image.preprocess.crop_pct if model.config.image.preprocess else 0.9,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run (GPU)
+
+
+class Split:
+    """One split of the pack on the device: images (N, 3, S, S) uint8, caption features (C, F) float32,
+    and per image the first caption row and the caption count."""
+
+    def __init__(self, root: Path, split: str, device: torch.device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from PIL import Image
+
+        blob = (root / f"{split}-images.bin").read_bytes()
+        offsets = np.load(root / f"{split}-image-offsets.npy")
+
+        def decode(i: int) -> np.ndarray:
+            with Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]])) as im:
+                return np.asarray(im.convert("RGB"))
+
+        with ThreadPoolExecutor(8) as pool:
+            arrays = list(pool.map(decode, range(len(offsets) - 1)))
+        self.images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
+        q = np.load(root / f"{split}-text-int8.npy").astype(np.float32)
+        self.text = torch.from_numpy(q * np.load(root / f"{split}-text-scale.npy")).to(device)
+        counts = np.load(root / f"{split}-caption-counts.npy")
+        self.counts = torch.from_numpy(counts).to(device)
+        self.first = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]])).to(device)
+        self.text_to_image = np.repeat(np.arange(len(counts)), counts)
+
+    def caption_rows(self, idx: torch.Tensor, start: torch.Tensor, k: int) -> torch.Tensor:
+        """(B*k,) caption rows: captions start..start+k-1 (wrapping) of each image, image-major."""
+        j = (start[:, None] + torch.arange(k, device=idx.device)[None, :]) % self.counts[idx][:, None]
+        return (self.first[idx][:, None] + j).reshape(-1)
+
+
+def random_resized_crop(
+    images: torch.Tensor, out: int, scale: tuple[float, float], hflip: float, gen: torch.Generator
+) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> (B, 3, out, out) float in [0, 1]: per-image random area fraction in ``scale``,
+    aspect ratio log-uniform in [3/4, 4/3], random position, bilinear resampling, flip with prob ``hflip``."""
+    b, dev = images.shape[0], images.device
+    area = torch.empty(b, device=dev).uniform_(*scale, generator=gen)
+    log_r = torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    ratio = log_r.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width and height as fractions of the side
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, device=dev, generator=gen) * 2 - 1) * (1 - w)  # centre in [-1, 1] coordinates
+    cy = (torch.rand(b, device=dev, generator=gen) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, device=dev, generator=gen) < hflip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = torch.nn.functional.affine_grid(theta, [b, 3, out, out], align_corners=False)
+    x = images.float() / 255.0
+    return torch.nn.functional.grid_sample(
+        x, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
+def eval_crop(images: torch.Tensor, out: int, crop_pct: float) -> torch.Tensor:
+    """Eval transform on the stored squares: resize to out / crop_pct, centre crop ``out``."""
+    size = int(math.floor(out / crop_pct))
+    x = torch.nn.functional.interpolate(
+        images.float() / 255.0, size=(size, size), mode="bicubic", antialias=True
+    )
+    top = (size - out) // 2
+    return x[:, :, top : top + out, top : top + out].clamp(0, 1)
+
+
+def train_one(
+    setting: dict[str, Any],
+    train: Split,
+    val: Split,
+    meta: dict,
+    device: torch.device,
+    stop_at: float = math.inf,
+) -> dict:
+    """Train one setting of the grid from scratch and validate every 5 epochs; a run still going at ``stop_at``
+    (a ``time.time()``) ends there, validated, with ``stopped_at_epoch`` set."""
+    import clipcraft
+    from clipcraft.config import TrainConfig
+    from clipcraft.evaluation.retrieval import retrieval_metrics
+    from clipcraft.losses import clip_loss, siglip_loss
+    from clipcraft.train.optim import build_optimizer, build_scheduler
+
+    s = {
+        **BASE,
+        **setting,
+        "model_overrides": {**BASE["model_overrides"], **setting.get("model_overrides", {})},
+    }
+    torch.manual_seed(s["seed"])
+    gen = torch.Generator(device=device).manual_seed(s["seed"])
+    kwargs = {"img_size": s["img_size"], "global_pool": "avg"}
+    overrides: dict[str, Any] = {"text.lock": True}
+    for key, value in s["model_overrides"].items():
+        if key.startswith("image.model_kwargs."):
+            kwargs[key.rsplit(".", 1)[1]] = value
+        else:
+            overrides[key] = value
+    overrides["image.model_kwargs"] = kwargs
+    model = clipcraft.create_model("minilm-vit-tiny", pretrained=False, overrides=overrides).to(device)
+    config = TrainConfig(
+        lr_image_tower=s["lr"],
+        lr_heads=s["lr"],
+        weight_decay=s["weight_decay"],
+        warmup_steps=s["warmup_steps"],
+        min_lr_ratio=s["min_lr_ratio"],
+        lock_text=True,
+    )
+    n, bs, k = len(train.counts), s["batch_size"], s["captions_per_image"]
+    steps_per_epoch = n // bs  # the trainer drops the last partial batch
+    total = steps_per_epoch * s["epochs"]
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, total)
+    loss_fn = siglip_loss if s["loss"] == "siglip" else clip_loss
+    mean = torch.tensor(meta["preprocess"]["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(meta["preprocess"]["std"], device=device).view(1, 3, 1, 1)
+    curve: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+
+    def validate(epoch: int) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            img = torch.cat(
+                [
+                    model.embed_image_features(
+                        model.image_tower(
+                            (
+                                eval_crop(
+                                    val.images[i : i + 500], s["img_size"], meta["preprocess"]["crop_pct"]
+                                )
+                                - mean
+                            )
+                            / std
+                        )
+                    )
+                    for i in range(0, len(val.counts), 500)
+                ]
+            )
+            txt = model.embed_text_features(val.text)
+        model.train()
+        m = retrieval_metrics(img.float().cpu().numpy(), txt.float().cpu().numpy(), val.text_to_image)
+        keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+        row = {"epoch": epoch, **{key: round(float(m[key]), 4) for key in keys}}
+        row["recall_mean"] = round(float(np.mean([m[key] for key in keys])), 4)
+        return row
+
+    model.train()
+    for epoch in range(1, s["epochs"] + 1):
+        order = torch.randperm(n, device=device, generator=gen)
+        for step in range(steps_per_epoch):
+            idx = order[step * bs : (step + 1) * bs]
+            x = random_resized_crop(train.images[idx], s["img_size"], s["crop_scale"], s["hflip"], gen)
+            start = (torch.rand(bs, device=device, generator=gen) * train.counts[idx]).long()
+            feats = train.text[train.caption_rows(idx, start, k)]
+            out = model(images=(x - mean) / std, text_features=feats)
+            if s["loss"] == "siglip":
+                loss = loss_fn(out.image_embeddings, out.text_embeddings, out.logit_scale, out.logit_bias)
+            else:
+                loss = loss_fn(out.image_embeddings, out.text_embeddings, out.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            model.clamp_logit_scale()
+        stopped = time.time() > stop_at and epoch < s["epochs"]
+        if epoch % 5 == 0 or epoch == s["epochs"] or stopped:
+            curve.append({**validate(epoch), "loss": round(float(loss.detach()), 4)})
+        if stopped:
+            break
+    return {
+        "stopped_at_epoch": epoch if epoch < s["epochs"] else None,
+        "setting": setting,
+        "resolved": {key: value for key, value in s.items()},
+        "final": curve[-1],
+        "best_recall_mean": max(c["recall_mean"] for c in curve),
+        "curve": curve,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "logit_scale": round(float(model.logit_scale.exp()), 2),
+    }
+
+
+def _worker(args: argparse.Namespace) -> int:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = torch.device(args.device)
+    root = Path(args.pack)
+    meta = json.loads((root / "meta.json").read_text())
+    train, val = Split(root, "train", device), Split(root, "val", device)
+    deadline = time.time() + args.budget
+    hard_stop = time.time() + args.stop
+    rows = [int(i) for i in args.rows.split(",")]
+    with open(args.out, "a") as f:
+        for i in rows:
+            if time.time() > deadline:
+                print(f"row {i}: skipped (budget spent)", flush=True)
+                continue
+            setting = GRID[i] if args.grid is None else json.loads(args.grid)[i]
+            result = {"row": i, **train_one(setting, train, val, meta, device, hard_stop)}
+            f.write(json.dumps(result) + "\n")
+            f.flush()
+            print(
+                f"row {i} {setting}: val recall {result['final']['recall_mean']} in {result['seconds']} s",
+                flush=True,
+            )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Spread the grid over ``--procs`` processes (a ViT-Tiny step is launch-bound: one process leaves most of
+    the GPU idle) and collect one JSON line per setting into ``--out``."""
+    import subprocess
+
+    grid = GRID if args.grid is None else json.loads(args.grid)
+    parts = [list(range(p, len(grid), args.procs)) for p in range(args.procs)]
+    tmp = [f"{args.out}.part{p}" for p in range(args.procs)]
+    procs = []
+    for p, rows in enumerate(parts):
+        if not rows:
+            continue
+        Path(tmp[p]).unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "_worker",
+            "--pack",
+            args.pack,
+            "--out",
+            tmp[p],
+            "--device",
+            args.device,
+        ]
+        cmd += ["--rows", ",".join(map(str, rows)), "--budget", str(args.budget), "--stop", str(args.stop)]
+        if args.grid is not None:
+            cmd += ["--grid", args.grid]
+        procs.append(subprocess.Popen(cmd))
+    codes = [proc.wait() for proc in procs]
+    results = []
+    for path in tmp:
+        if Path(path).exists():
+            results += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            Path(path).unlink()
+    results.sort(key=lambda r: r["row"])
+    info = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
+    Path(args.out).write_text(json.dumps({"info": info, "base": BASE, "results": results}, indent=1) + "\n")
+    for r in results:
+        print(
+            f"{r['row']:>3} {json.dumps(r['setting']):<70} {r['final']['recall_mean']:.4f} (best {r['best_recall_mean']:.4f})"
+        )
+    return max(codes, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="build the data pack (CPU, needs ../shared/data and the MiniLM package)")
+    p.add_argument("--data", default="../shared/data/flickr8k")
+    p.add_argument("--out", default=".pack")
+    for name in ("run", "_worker"):
+        p = sub.add_parser(name)
+        p.add_argument("--pack", default=".pack")
+        p.add_argument("--out", default="sweep-recipe.json")
+        p.add_argument("--device", default="cuda")
+        p.add_argument("--budget", type=float, default=420, help="seconds after which no new setting starts")
+        p.add_argument(
+            "--stop", type=float, default=math.inf, help="seconds after which running settings end"
+        )
+        p.add_argument("--grid", default=None, help="JSON list of settings instead of the built-in GRID")
+        if name == "run":
+            p.add_argument("--procs", type=int, default=5)
+        else:
+            p.add_argument("--rows", required=True)
+    args = parser.parse_args(argv)
+    return {"pack": pack, "run": run, "_worker": _worker}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
