@@ -326,7 +326,7 @@ def train_one(
         "best_recall_mean": max(c["recall_mean"] for c in curve),
         "curve": curve,
         "seconds": round(time.perf_counter() - t0, 1),
-        "logit_scale": round(float(model.logit_scale.exp()), 2),
+        "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
     }
 
 

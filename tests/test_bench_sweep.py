@@ -1,0 +1,96 @@
+"""bench/sweep_recipe.py, the GPU recipe sweep: its batched crop and caption lookup against simple references,
+and one tiny setting trained end to end on the CPU from a pack written here."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def _load_sweep():
+    path = Path(__file__).parents[1] / "bench" / "sweep_recipe.py"
+    spec = importlib.util.spec_from_file_location("sweep_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep()
+
+
+def test_crop_keeps_values_and_orientation_and_flip_mirrors_it() -> None:
+    ramp = torch.arange(112, dtype=torch.float32).repeat(112, 1) * 2  # value grows left to right
+    images = ramp.round().to(torch.uint8).expand(5, 3, 112, 112).contiguous()
+    a = sweep.random_resized_crop(images, 48, (0.3, 1.0), 0.0, torch.Generator().manual_seed(1))
+    b = sweep.random_resized_crop(images, 48, (0.3, 1.0), 1.0, torch.Generator().manual_seed(1))
+    assert a.shape == (5, 3, 48, 48) and a.min() >= 0.0 and a.max() <= 1.0
+    assert (a[..., 1:] >= a[..., :-1] - 1e-6).all()  # not mirrored, not transposed
+    assert (a[:, :, 1:, :] - a[:, :, :-1, :]).abs().max() < 1e-5  # rows identical: no vertical change
+    assert torch.allclose(b, a.flip(-1), atol=1e-5)  # the same crop, mirrored
+    flat = torch.full((2, 3, 112, 112), 77, dtype=torch.uint8)
+    out = sweep.random_resized_crop(flat, 32, (0.5, 1.0), 0.5, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, torch.full_like(out, 77 / 255), atol=1e-6)
+
+
+def test_eval_crop_matches_torchvision_resize_and_center_crop() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(0, 256, (3, 3, 112, 112), dtype=torch.uint8)
+    ours = sweep.eval_crop(images, 96, 0.9)
+    size = int(96 / 0.9)
+    ref = TF.center_crop(
+        TF.resize(
+            images.float() / 255, [size, size], antialias=True, interpolation=TF.InterpolationMode.BICUBIC
+        ),
+        [96, 96],
+    )
+    assert ours.shape == (3, 3, 96, 96)
+    assert torch.allclose(ours, ref.clamp(0, 1), atol=1e-5)
+
+
+def _write_split(root: Path, split: str, counts: list[int], dim: int = 384, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in counts:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        blobs.append(buf.getvalue())
+    (root / f"{split}-images.bin").write_bytes(b"".join(blobs))
+    np.save(root / f"{split}-image-offsets.npy", np.cumsum([0] + [len(b) for b in blobs]))
+    feats = rng.standard_normal((sum(counts), dim)).astype(np.float32)
+    scale = np.abs(feats).max(axis=1, keepdims=True) / 127
+    np.save(root / f"{split}-text-int8.npy", np.round(feats / scale).astype(np.int8))
+    np.save(root / f"{split}-text-scale.npy", scale.astype(np.float32))
+    np.save(root / f"{split}-caption-counts.npy", np.array(counts))
+
+
+def test_caption_rows_wrap_within_each_image(tmp_path: Path) -> None:
+    _write_split(tmp_path, "train", [2, 3])
+    split = sweep.Split(tmp_path, "train", torch.device("cpu"))
+    assert split.images.shape == (2, 3, 112, 112) and split.text.shape == (5, 384)
+    rows = split.caption_rows(torch.tensor([1, 0]), torch.tensor([2, 1]), 3)
+    assert rows.tolist() == [2 + 2, 2 + 0, 2 + 1, 0 + 1, 0 + 0, 0 + 1]  # image 1 first, then image 0
+    assert split.text_to_image.tolist() == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_one_tiny_setting_trains_and_validates(tmp_path: Path, loss: str) -> None:
+    _write_split(tmp_path, "train", [5] * 8, seed=1)
+    _write_split(tmp_path, "val", [5] * 4, seed=2)
+    meta = {"preprocess": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    cpu = torch.device("cpu")
+    train, val = sweep.Split(tmp_path, "train", cpu), sweep.Split(tmp_path, "val", cpu)
+    setting = {"epochs": 2, "img_size": 32, "batch_size": 4, "warmup_steps": 1, "loss": loss}
+    result = sweep.train_one(setting, train, val, meta, cpu)
+    assert result["stopped_at_epoch"] is None and [c["epoch"] for c in result["curve"]] == [2]
+    assert 0.0 <= result["final"]["recall_mean"] <= 1.0 and np.isfinite(result["curve"][-1]["loss"])
+    stopped = sweep.train_one({**setting, "epochs": 3}, train, val, meta, cpu, stop_at=0.0)
+    assert stopped["stopped_at_epoch"] == 1 and [c["epoch"] for c in stopped["curve"]] == [1]
