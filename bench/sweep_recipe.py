@@ -230,8 +230,9 @@ def train_one(
     import clipcraft
     from clipcraft.config import TrainConfig
     from clipcraft.evaluation.retrieval import retrieval_metrics
-    from clipcraft.losses import clip_loss, siglip_loss
+    from clipcraft.losses import build_loss
     from clipcraft.train.optim import build_optimizer, build_scheduler
+    from clipcraft.train.validation import RECALL_KEYS
 
     s = {
         **BASE,
@@ -262,7 +263,7 @@ def train_one(
     total = steps_per_epoch * s["epochs"]
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total)
-    loss_fn = siglip_loss if s["loss"] == "siglip" else clip_loss
+    loss_fn = build_loss(s["loss"])  # the trainer's: takes the ClipOutput
     mean = torch.tensor(meta["preprocess"]["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(meta["preprocess"]["std"], device=device).view(1, 3, 1, 1)
     curve: list[dict[str, float]] = []
@@ -270,29 +271,18 @@ def train_one(
 
     def validate(epoch: int) -> dict[str, float]:
         model.eval()
+        crop_pct = meta["preprocess"]["crop_pct"]
         with torch.no_grad():
-            img = torch.cat(
-                [
-                    model.embed_image_features(
-                        model.image_tower(
-                            (
-                                eval_crop(
-                                    val.images[i : i + 500], s["img_size"], meta["preprocess"]["crop_pct"]
-                                )
-                                - mean
-                            )
-                            / std
-                        )
-                    )
-                    for i in range(0, len(val.counts), 500)
-                ]
-            )
+            chunks = []
+            for i in range(0, len(val.counts), 500):
+                pixels = (eval_crop(val.images[i : i + 500], s["img_size"], crop_pct) - mean) / std
+                chunks.append(model.embed_image_features(model.image_tower(pixels)))
+            img = torch.cat(chunks)
             txt = model.embed_text_features(val.text)
         model.train()
         m = retrieval_metrics(img.float().cpu().numpy(), txt.float().cpu().numpy(), val.text_to_image)
-        keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-        row = {"epoch": epoch, **{key: round(float(m[key]), 4) for key in keys}}
-        row["recall_mean"] = round(float(np.mean([m[key] for key in keys])), 4)
+        row = {"epoch": epoch, **{key: round(float(m[key]), 4) for key in RECALL_KEYS}}
+        row["recall_mean"] = round(float(np.mean([m[key] for key in RECALL_KEYS])), 4)
         return row
 
     model.train()
@@ -304,10 +294,7 @@ def train_one(
             start = (torch.rand(bs, device=device, generator=gen) * train.counts[idx]).long()
             feats = train.text[train.caption_rows(idx, start, k)]
             out = model(images=(x - mean) / std, text_features=feats)
-            if s["loss"] == "siglip":
-                loss = loss_fn(out.image_embeddings, out.text_embeddings, out.logit_scale, out.logit_bias)
-            else:
-                loss = loss_fn(out.image_embeddings, out.text_embeddings, out.logit_scale)
+            loss = loss_fn(out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
