@@ -356,6 +356,28 @@ def test_config_sources_take_precedence_in_order(tmp_path: Path) -> None:
     assert data == {"epochs": 3, "batch_size": 4, "seed": 2}
 
 
+def test_override_sets_one_entry_of_a_mapping_field(tmp_path: Path) -> None:
+    from clipcraft.config import gather_config
+
+    (tmp_path / "c.yaml").write_text("model_overrides:\n  image.model_kwargs: {img_size: 96}\n")
+    overrides = [
+        "model_overrides.init_logit_scale=3.5",
+        "data_options.image_root=/x",
+        "model_overrides.embed_dim=64",
+    ]
+    data = gather_config(None, tmp_path / "c.yaml", {}, overrides)
+    assert data["model_overrides"] == {
+        "image.model_kwargs": {"img_size": 96},
+        "init_logit_scale": 3.5,
+        "embed_dim": 64,
+    }
+    assert data["data_options"] == {"image_root": "/x"}
+    config = TrainConfig.from_dict(data)
+    assert config.model_overrides["init_logit_scale"] == 3.5
+    with pytest.raises(ClipcraftError, match="Unknown config key"):
+        TrainConfig.from_dict(gather_config(None, None, {}, ["optimizer.lr=1"]))
+
+
 def test_train_command_runs_and_resumes_from_the_run_directory(scenes: Path, tmp_path: Path) -> None:
     from clipcraft.cli import main
 

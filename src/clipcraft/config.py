@@ -256,6 +256,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+# Config fields holding a mapping: a `field.key=value` override sets one entry in them.
+MAPPING_FIELDS = ("model_overrides", "data_options")
+
+
 def gather_config(
     resume: str | Path | None,
     config_file: str | Path | None,
@@ -264,7 +268,8 @@ def gather_config(
 ) -> dict[str, Any]:
     """The config mapping a command runs with, from its sources in increasing precedence: the config saved in
     the checkpoint of the run being resumed, a YAML/JSON file, command-line flags (None values are left
-    out) and ``key=value`` overrides."""
+    out) and ``key=value`` overrides; ``model_overrides.KEY=value`` and ``data_options.KEY=value`` set one
+    entry of those mappings and keep the rest."""
     data: dict[str, Any] = {}
     if resume is not None:
         from clipcraft.train.checkpoint import load_checkpoint
@@ -273,5 +278,11 @@ def gather_config(
     if config_file is not None:
         data.update(load_config_file(config_file))
     data.update({key: value for key, value in flags.items() if value is not None})
-    data.update(parse_override(item) for item in overrides)
+    for item in overrides:
+        key, value = parse_override(item)
+        head, dot, rest = key.partition(".")
+        if dot and head in MAPPING_FIELDS:  # model_overrides.embed_dim=512: one entry, the others kept
+            data[head] = {**(data.get(head) or {}), rest: value}
+        else:
+            data[key] = value
     return data

@@ -25,7 +25,12 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     )
     p.add_argument("--output-dir", default=None, help="run directory (overrides the config's output_dir)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. epochs=3 or model_overrides.embed_dim=512 (one entry of a mapping field)",
+    )
     p.set_defaults(func=_run)
 
 
