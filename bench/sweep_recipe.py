@@ -110,12 +110,11 @@ def _square(path: str, size: int) -> bytes:
 def pack(args: argparse.Namespace) -> int:
     import clipcraft
     from clipcraft.data import open_dataset
+    from clipcraft.train.features import text_features
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = clipcraft.create_model(
-        "minilm-vit-tiny"
-    )  # the real MiniLM (installed package); image tower unused
+    model = clipcraft.create_model("minilm-vit-tiny")  # the real MiniLM (installed package)
     meta: dict[str, Any] = {"size": SIZE, "splits": {}}
     for split in ("train", "val"):
         ds = open_dataset(args.data, split=split)
@@ -125,7 +124,7 @@ def pack(args: argparse.Namespace) -> int:
         np.save(out / f"{split}-image-offsets.npy", offsets)
         captions = [c for r in ds.records for c in r.captions]
         counts = np.array([len(r.captions) for r in ds.records], dtype=np.int64)
-        feats = model.encode_texts(captions, batch_size=256, normalize=False, project=False)
+        feats = text_features(model, captions)  # the trainer's text-cache features
         scale = np.abs(feats).max(axis=1, keepdims=True) / 127.0
         np.save(out / f"{split}-text-int8.npy", np.round(feats / scale).astype(np.int8))
         np.save(out / f"{split}-text-scale.npy", scale.astype(np.float32))
@@ -139,11 +138,8 @@ def pack(args: argparse.Namespace) -> int:
             f"{split}: {len(blobs)} images ({offsets[-1] / 2**20:.1f} MiB), {len(captions)} captions",
             flush=True,
         )
-    meta["preprocess"] = {
-        "mean": list(model.config.image.preprocess.mean) if model.config.image.preprocess else [0.5] * 3,
-        "std": list(model.config.image.preprocess.std) if model.config.image.preprocess else [0.5] * 3,
-        "crop_pct": model.config.image.preprocess.crop_pct if model.config.image.preprocess else 0.9,
-    }
+    pre = model.config.image.preprocess  # resolved when the model was built
+    meta["preprocess"] = {"mean": list(pre.mean), "std": list(pre.std), "crop_pct": pre.crop_pct}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return 0
 
@@ -241,14 +237,12 @@ def train_one(
     }
     torch.manual_seed(s["seed"])
     gen = torch.Generator(device=device).manual_seed(s["seed"])
-    kwargs = {"img_size": s["img_size"], "global_pool": "avg"}
-    overrides: dict[str, Any] = {"text.lock": True}
-    for key, value in s["model_overrides"].items():
-        if key.startswith("image.model_kwargs."):
-            kwargs[key.rsplit(".", 1)[1]] = value
-        else:
-            overrides[key] = value
-    overrides["image.model_kwargs"] = kwargs
+    # later keys win: "image.model_kwargs.drop_path_rate" adds to the kwargs set before it
+    overrides = {
+        "text.lock": True,
+        "image.model_kwargs": {"img_size": s["img_size"], "global_pool": "avg"},
+        **s["model_overrides"],
+    }
     model = clipcraft.create_model("minilm-vit-tiny", pretrained=False, overrides=overrides).to(device)
     config = TrainConfig(
         lr_image_tower=s["lr"],
