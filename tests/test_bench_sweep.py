@@ -94,3 +94,58 @@ def test_one_tiny_setting_trains_and_validates(tmp_path: Path, loss: str) -> Non
     assert 0.0 <= result["final"]["recall_mean"] <= 1.0 and np.isfinite(result["curve"][-1]["loss"])
     stopped = sweep.train_one({**setting, "epochs": 3}, train, val, meta, cpu, stop_at=0.0)
     assert stopped["stopped_at_epoch"] == 1 and [c["epoch"] for c in stopped["curve"]] == [1]
+
+
+def _write_cifar(root: Path, classes: int, templates: int, n: int, dim: int = 384) -> dict:
+    rng = np.random.default_rng(3)
+    np.save(root / "cifar-images.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+    np.save(root / "cifar-labels.npy", np.arange(n) % classes)
+    prompts = rng.standard_normal((classes * templates, dim)).astype(np.float32)
+    np.save(root / "cifar-prompt-features.npy", prompts)
+    names = [f"class{c}" for c in range(classes)]
+    return {"classnames": names, "templates": templates, "images": n}
+
+
+def test_zeroshot_matches_the_library_zero_shot_head(tmp_path: Path) -> None:
+    """zeroshot_top1 equals top-1 from clipcraft's build_classifier_weights over the same prompt features."""
+    import clipcraft
+    from clipcraft.evaluation.zeroshot import build_classifier_weights
+
+    classes, templates, n = 4, 3, 40
+    torch.manual_seed(0)
+    model = clipcraft.create_model("tiny", overrides={"image.model_kwargs": {"img_size": 32}}).eval()
+    info = _write_cifar(tmp_path, classes, templates, n, dim=model.text_head.proj.in_features)
+    cifar = sweep.Cifar.open(tmp_path, {"cifar": info}, torch.device("cpu"))
+    prompts = {
+        f"{name} {t}": cifar.prompts[c * templates + t]
+        for c, name in enumerate(info["classnames"])
+        for t in range(templates)
+    }
+
+    def encode(batch: list[str]) -> np.ndarray:  # the text tower's features of each prompt, then the head
+        with torch.no_grad():
+            return model.embed_text_features(torch.stack([prompts[p] for p in batch])).numpy()
+
+    weights = build_classifier_weights(encode, info["classnames"], [f"{{}} {t}" for t in range(templates)])
+    mean = std = torch.full((1, 3, 1, 1), 0.5)
+    with torch.no_grad():
+        got = sweep.zeroshot_top1(model, cifar, 32, 0.9, mean, std)
+        image = model.embed_image_features(
+            model.image_tower((sweep.eval_crop(cifar.images, 32, 0.9) - 0.5) / 0.5)
+        )
+    expected = float(((image.numpy() @ weights.T).argmax(axis=1) == np.arange(n) % classes).mean())
+    assert got == pytest.approx(expected, abs=1e-6) and 0 < expected < 1
+
+
+def test_a_patch_dropout_setting_trains_and_reports_zero_shot(tmp_path: Path) -> None:
+    _write_split(tmp_path, "train", [5] * 8, seed=1)
+    _write_split(tmp_path, "val", [5] * 4, seed=2)
+    meta = {"preprocess": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}
+    meta["cifar"] = _write_cifar(tmp_path, 3, 2, 12)
+    cpu = torch.device("cpu")
+    train, val = sweep.Split(tmp_path, "train", cpu), sweep.Split(tmp_path, "val", cpu)
+    setting = {"epochs": 1, "img_size": 32, "batch_size": 4, "warmup_steps": 1}
+    setting["model_overrides"] = {sweep.PD: 0.5}
+    result = sweep.train_one(setting, train, val, meta, cpu, cifar=sweep.Cifar.open(tmp_path, meta, cpu))
+    assert result["resolved"]["model_overrides"] == {sweep.PD: 0.5}
+    assert 0.0 <= result["final"]["cifar_zeroshot"] <= 1.0 and result["best_epoch"] == 1
