@@ -222,3 +222,32 @@ def test_training_transform_flips_only_when_asked(tiny_model):
     assert left_is_bright(tiny_model.image_transform(train=True, scale=whole))
     assert not left_is_bright(tiny_model.image_transform(train=True, scale=whole, hflip=1.0))
     assert left_is_bright(tiny_model.image_transform(train=False, hflip=1.0))
+
+
+def test_patch_dropout_keeps_a_fraction_of_patches_in_training_and_all_of_them_in_eval():
+    config = ImageTowerConfig(
+        name="vit_tiny_patch16_224",
+        model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    )
+    torch.manual_seed(0)
+    tower = ImageTower(config)
+    plain = ImageTower(config)
+    plain.load_state_dict(tower.state_dict())
+    seen: list[int] = []
+    tower.trunk.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    tower.set_patch_dropout(0.75)
+    images = torch.randn(3, 3, 32, 32)
+    tower.train()
+    tower(images)
+    assert seen == [1 + 4]  # the class token and a quarter of the 16 patches
+    tower.eval()
+    plain.eval()
+    assert torch.equal(tower(images), plain(images)) and seen[-1] == 1 + 16
+    tower.set_patch_dropout(0.0)
+    assert isinstance(tower.trunk.patch_drop, torch.nn.Identity)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ClipcraftError, match=r"\[0, 1\)"):
+            tower.set_patch_dropout(bad)
+    cnn = ImageTower(ImageTowerConfig(name="resnet18", model_kwargs={"layers": [1, 1, 1, 1]}))
+    with pytest.raises(ClipcraftError, match="vision transformer"):
+        cnn.set_patch_dropout(0.5)

@@ -331,6 +331,21 @@ def test_too_much_bad_data_fails_before_training_with_the_report(scenes: Path, t
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
+def test_patch_dropout_trains_resumes_exactly_and_stays_out_of_the_saved_model(
+    scenes: Path, tmp_path: Path
+) -> None:
+    straight = train(_config(scenes, tmp_path / "straight", patch_dropout=0.5))
+    train(_config(scenes, tmp_path / "resumed", patch_dropout=0.5, max_steps=5))
+    resumed = train(_config(scenes, tmp_path / "resumed", patch_dropout=0.5), resume=tmp_path / "resumed")
+    _assert_same(_weights(straight.last_model), _weights(resumed.last_model))
+    plain = train(_config(scenes, tmp_path / "plain"))
+    assert _rows(plain.run_dir, "step")[0]["loss"] != _rows(straight.run_dir, "step")[0]["loss"]
+    saved = load(straight.best_model)  # a training setting: the saved model embeds with every patch
+    assert isinstance(saved.image_tower.trunk.patch_drop, torch.nn.Identity)
+    with pytest.raises(ClipcraftError, match="nothing of it to train"):
+        train(_config(scenes, tmp_path / "locked", patch_dropout=0.5, lock_image=True))
+
+
 def test_gradient_checkpointing_gives_the_same_training(scenes: Path, tmp_path: Path) -> None:
     common = {"epochs": 1, "max_steps": 2, "model_overrides": {"head.dropout": 0.0}, "augment": False}
     plain = train(_config(scenes, tmp_path / "plain", **common))

@@ -412,13 +412,22 @@ def _build_model(config: TrainConfig) -> ClipModel:
         }
     )
     if Path(config.model).is_dir():
-        return load(config.model, overrides=overrides)
-    return create_model(
-        config.model,
-        pretrained=config.pretrained,
-        image_checkpoint=config.image_checkpoint,
-        overrides=overrides,
-    )
+        model = load(config.model, overrides=overrides)
+    else:
+        model = create_model(
+            config.model,
+            pretrained=config.pretrained,
+            image_checkpoint=config.image_checkpoint,
+            overrides=overrides,
+        )
+    if config.patch_dropout > 0:
+        if config.lock_image and config.image_unlocked_groups == 0:
+            raise ClipcraftError(
+                "patch_dropout speeds up and regularises training of the image tower; with lock_image=true "
+                "and no unlocked groups there is nothing of it to train. Set patch_dropout=0."
+            )
+        model.image_tower.set_patch_dropout(config.patch_dropout)
+    return model
 
 
 def _check_captions_per_image(config: TrainConfig, model: ClipModel) -> None:
