@@ -3,7 +3,7 @@
 # PyTorch, timm and transformers (no network). Results go to $OUT (default /tmp/gpu-out).
 #
 # Needs two git-ignored folders made here first, on a machine with ../shared/data:
-#   .pack  .venv/bin/python bench/sweep_recipe.py pack      (Flickr8k squares + MiniLM caption features, ~51 MiB)
+#   .pack  .venv/bin/python bench/sweep_recipe.py pack      (Flickr8k squares, CIFAR-10 test images, MiniLM features, ~57 MiB)
 #   .whl   open_clip_torch 3.3.0, ftfy and wcwidth wheels    (open_clip for the side-by-side step benchmark)
 # Then: bash bench/gpu.sh   (about 9 minutes; each part has its own time limit)
 #

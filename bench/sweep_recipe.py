@@ -2,23 +2,25 @@
 GPU, from a small data pack, to choose the settings that ``configs/flickr8k-minilm-vit-tiny.yaml`` then runs on
 the CPU.
 
-The CPU recipe affords about 35 epochs in its 60 minutes, so a sweep of a dozen settings there would take a
-day. On a GPU the whole 35-epoch run takes under a minute, but the GPU machine cannot read ../shared/data and
-takes at most 64 MiB along. Hence two steps:
+The CPU recipe affords one 60-minute run at a time, so a sweep of a dozen settings there would take a day. On a
+GPU a whole run takes one to three minutes, but the GPU machine cannot read ../shared/data and takes at most
+64 MiB along. Hence two steps:
 
-    # here (CPU): 7,000 train + val images as 112 px centre squares (JPEG q90) and the MiniLM features of
-    # their 35,000 captions (int8, one scale per row): about 45 MiB
+    # here (CPU): 7,000 train + val images as 112 px centre squares (JPEG q90), the MiniLM features of their
+    # 35,000 captions (int8, one scale per row), and 2,000 CIFAR-10 test images with the MiniLM features of
+    # the zero-shot prompts: about 57 MiB
     .venv/bin/python bench/sweep_recipe.py pack --data ../shared/data/flickr8k --out .pack
-    # on the GPU machine: every setting of the grid for the same number of epochs, several processes at once
+    # on the GPU machine: every setting of the grid, several processes at once
     python bench/sweep_recipe.py run --pack .pack --out results.json --budget 420
 
 The sweep's training step is the recipe's: ``clipcraft.create_model`` with the recipe's overrides, the
 trainer's optimizer groups and warmup + cosine schedule (``clipcraft.train.optim``), ``clip_loss`` /
 ``siglip_loss`` over the k cached captions of each image, ``clamp_logit_scale``, and validation recall from
-``clipcraft.evaluation.retrieval`` on the 1,000 val images x 5,000 captions. What differs from the CPU run, and
-why the sweep only ranks settings (the chosen one is then measured on the CPU): images come from 112 px centre
-squares rather than the full photo (the random crop is the same kind, scale and ratio, done on the GPU with
-``grid_sample``), matrix products use TF32, and caption features are int8-rounded.
+``clipcraft.evaluation.retrieval`` on the 1,000 val images x 5,000 captions, plus CIFAR-10 zero-shot top-1
+with the zero-shot head of ``clipcraft.evaluation.zeroshot`` on the packed test images. What differs from the
+CPU run, and why the sweep only ranks settings (the chosen one is then measured on the CPU): images come from
+112 px centre squares rather than the full photo (the random crop is the same kind, scale and ratio, done on
+the GPU with ``grid_sample``), matrix products use TF32, and caption features are int8-rounded.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ BASE: dict[str, Any] = {
     "loss": "clip",
     "img_size": 96,
     "seed": 0,
+    "lowres": 0.0,  # probability of the low-resolution augmentation (see low_resolution)
     "model_overrides": {},  # extra dotted ModelConfig keys
 }
 
@@ -243,6 +246,21 @@ def random_resized_crop(
     )
 
 
+def low_resolution(x: torch.Tensor, prob: float, side: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1]: each image with probability ``prob`` shrunk to ``side`` x ``side`` (area
+    averaging) and enlarged back (bicubic), the blur of a small photo shown large; the rest unchanged."""
+    if prob <= 0:
+        return x
+    pick = torch.rand(x.shape[0], device=x.device, generator=gen) < prob
+    if not bool(pick.any()):
+        return x
+    small = torch.nn.functional.interpolate(x[pick], size=(side, side), mode="area")
+    big = torch.nn.functional.interpolate(small, size=x.shape[-2:], mode="bicubic", align_corners=False)
+    out = x.clone()
+    out[pick] = big.clamp(0, 1)
+    return out
+
+
 def eval_crop(images: torch.Tensor, out: int, crop_pct: float) -> torch.Tensor:
     """Eval transform on the stored squares: resize to out / crop_pct, centre crop ``out``."""
     size = int(math.floor(out / crop_pct))
@@ -348,6 +366,7 @@ def train_one(
         for step in range(steps_per_epoch):
             idx = order[step * bs : (step + 1) * bs]
             x = random_resized_crop(train.images[idx], s["img_size"], s["crop_scale"], s["hflip"], gen)
+            x = low_resolution(x, s["lowres"], 32, gen)
             start = (torch.rand(bs, device=device, generator=gen) * train.counts[idx]).long()
             feats = train.text[train.caption_rows(idx, start, k)]
             out = model(images=(x - mean) / std, text_features=feats)

@@ -149,3 +149,14 @@ def test_a_patch_dropout_setting_trains_and_reports_zero_shot(tmp_path: Path) ->
     result = sweep.train_one(setting, train, val, meta, cpu, cifar=sweep.Cifar.open(tmp_path, meta, cpu))
     assert result["resolved"]["model_overrides"] == {sweep.PD: 0.5}
     assert 0.0 <= result["final"]["cifar_zeroshot"] <= 1.0 and result["best_epoch"] == 1
+
+
+def test_low_resolution_blurs_the_picked_images_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 64, 64)
+    assert torch.equal(sweep.low_resolution(x, 0.0, 32, gen), x)
+    out = sweep.low_resolution(x, 1.0, 32, gen)
+    small = torch.nn.functional.avg_pool2d(x, 2)  # area resize by 2 = 2x2 means
+    expected = torch.nn.functional.interpolate(small, size=(64, 64), mode="bicubic").clamp(0, 1)
+    torch.testing.assert_close(out, expected)
+    assert out.std() < x.std()  # detail gone
