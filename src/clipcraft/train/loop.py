@@ -400,6 +400,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _build_model(config: TrainConfig) -> ClipModel:
+    if config.patch_dropout and config.lock_image and config.image_unlocked_groups == 0:
+        raise ClipcraftError(
+            "patch_dropout speeds up and regularises training of the image tower; with lock_image=true "
+            "and no unlocked groups there is nothing of it to train. Set patch_dropout=0."
+        )
     overrides: dict[str, Any] = dict(config.model_overrides)
     overrides.update(
         {
@@ -420,13 +425,8 @@ def _build_model(config: TrainConfig) -> ClipModel:
             image_checkpoint=config.image_checkpoint,
             overrides=overrides,
         )
-    if config.patch_dropout > 0:
-        if config.lock_image and config.image_unlocked_groups == 0:
-            raise ClipcraftError(
-                "patch_dropout speeds up and regularises training of the image tower; with lock_image=true "
-                "and no unlocked groups there is nothing of it to train. Set patch_dropout=0."
-            )
-        model.image_tower.set_patch_dropout(config.patch_dropout)
+    if config.patch_dropout:
+        model.image_tower.set_patch_dropout(config.patch_dropout)  # checks the range and the tower kind
     return model
 
 
