@@ -158,6 +158,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         loss.backward()
         results[name, k] = (loss.detach(), local_img.grad, local_txt.grad)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT at exit otherwise)
     dist.destroy_process_group()
 
 
