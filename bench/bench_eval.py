@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", choices=["post", "pre"], default="post", help="linear-probe features")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto (bf16 where native)")
     parser.add_argument(
         "--cache-dir", default=None, help="embedding cache (default: none, so timings are real)"
     )
@@ -56,25 +56,25 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from clipcraft.encoding import EncodeSettings
     from clipcraft.evaluation.runners import (
-        EncodeOptions,
         evaluate_linear_probe,
         evaluate_retrieval,
         evaluate_zeroshot,
         format_table,
     )
     from clipcraft.model import load
+    from clipcraft.precision import resolve_precision
 
     data = Path(args.data)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"eval-{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(args.model, device=device)
-    options = EncodeOptions(
+    settings = EncodeSettings(
+        precision=resolve_precision(args.precision, device),
         batch_size=args.batch_size,
-        precision=args.precision,
         workers=args.workers,
-        cache_dir=args.cache_dir,
         progress=True,
     )
     report: dict = {
@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if task == "retrieval":
             result = evaluate_retrieval(
-                model, data / "flickr8k", split="test", limit=args.flickr_limit, options=options
+                model,
+                data / "flickr8k",
+                split="test",
+                limit=args.flickr_limit,
+                settings=settings,
+                cache_dir=args.cache_dir,
             )
             images = result["num_images"] + result["num_skipped"]
         elif task == "zeroshot":
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 data / "cifar10" / "test",
                 limit_per_class=args.cifar_test_per_class,
                 confusion_png=args.confusion,
-                options=options,
+                settings=settings,
+                cache_dir=args.cache_dir,
             )
             images = result["num_images"] + result["num_skipped"]
         elif task == "linear-probe":
@@ -116,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                     data / "cifar10" / "train",
                     data / "cifar10" / "test",
                     features=args.features,
-                    options=options,
+                    settings=settings,
+                    cache_dir=args.cache_dir,
                 )
             else:
-                result = _probe_limited(model, data, args, options)
+                result = _probe_limited(model, data, args, settings)
             images = result["num_train"] + result["num_images"] + result["num_skipped"]
         else:
             raise SystemExit(f"unknown task {task!r}; known: retrieval, zeroshot, linear-probe")
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _probe_limited(model, data: Path, args: argparse.Namespace, options) -> dict:  # type: ignore[no-untyped-def]
+def _probe_limited(model, data: Path, args: argparse.Namespace, settings) -> dict:  # type: ignore[no-untyped-def]
     """The probe with separate per-class limits for train and test (the runner takes one limit for both)."""
     import tempfile
 
@@ -155,7 +162,12 @@ def _probe_limited(model, data: Path, args: argparse.Namespace, options) -> dict
             paths[split].write_text("\n".join(rows) + "\n")
             described[split] = f"{root} (first {limit or 'all'} images per class)"
         result = evaluate_linear_probe(
-            model, paths["train"], paths["test"], features=args.features, options=options
+            model,
+            paths["train"],
+            paths["test"],
+            features=args.features,
+            settings=settings,
+            cache_dir=args.cache_dir,
         )
     result["train_data"], result["test_data"] = described["train"], described["test"]
     return result

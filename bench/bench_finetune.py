@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default=str(ROOT / "bench" / "sections" / "finetune.md"))
     args = parser.parse_args(argv)
 
-    from clipcraft.evaluation.runners import EncodeOptions, evaluate_linear_probe
+    from clipcraft.encoding import EncodeSettings
+    from clipcraft.evaluation.runners import evaluate_linear_probe
     from clipcraft.finetune import FinetuneConfig, finetune
     from clipcraft.finetune.commands import parse_alphas
     from clipcraft.model import load
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_probe:
             start = time.perf_counter()
             model = load(args.model)
-            options = EncodeOptions(batch_size=64, workers=args.workers, progress=True)
-            probe = evaluate_linear_probe(model, train_csv, test_csv, features="post", options=options)
+            settings = EncodeSettings(batch_size=64, workers=args.workers, progress=True)
+            probe = evaluate_linear_probe(model, train_csv, test_csv, features="post", settings=settings)
             probe["seconds"] = round(time.perf_counter() - start, 1)
             report["results"]["linear_probe"] = {
                 k: probe[k]

@@ -76,14 +76,13 @@ def flickr_embeddings(limit: int | None, workers: int) -> np.ndarray:
     import torch
 
     from clipcraft import create_model
-    from clipcraft.search.collection import scan_images
-    from clipcraft.search.embed import iter_embeddings
+    from clipcraft.data.folder import scan_images
+    from clipcraft.encoding import EncodeSettings, encode_images
 
     torch.manual_seed(0)
     model = create_model("tiny", overrides={"embed_dim": 512}).eval()
     paths = [str(FLICKR / e.path) for e in scan_images(FLICKR)][:limit]
-    rows = [b.embeddings for b in iter_embeddings(model, paths, batch_size=256, workers=workers)]
-    return np.concatenate(rows)
+    return encode_images(model, paths, EncodeSettings(batch_size=256, workers=workers)).vectors
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,11 +158,14 @@ def bench_ann(
 # Embedding throughput
 
 
-def bench_embed(n_images: int, batch_size: int, workers: int, rounds: int) -> dict[str, Any]:
-    """Seed architecture, random weights: the index build's embedding loop against open_clip's encode_image.
+def bench_embed(
+    n_images: int, batch_size: int, workers: int, rounds: int, precision_word: str = "fp32"
+) -> dict[str, Any]:
+    """Seed architecture, random weights: the index build's embedding loop against open_clip's encode_image,
+    both in the same precision (``precision_word`` resolved once; open_clip under the same bf16 autocast).
 
     Three contenders run one after the other in each of ``rounds`` rounds, so background load hits them alike:
-    ``index build`` (:func:`clipcraft.search.embed.iter_embeddings` as ``index build`` calls it: loader
+    ``index build`` (:func:`clipcraft.encoding.iter_images` as ``index build`` calls it: loader
     workers + model, the class-token shortcut on where the tower allows it), the same loop with the shortcut
     off, and open_clip's ``encode_image`` on the same preprocessed batches (decoding not timed). Each pass
     times every batch after its first; rates are ``batch_size / median batch time`` over all rounds. The
@@ -173,15 +175,14 @@ def bench_embed(n_images: int, batch_size: int, workers: int, rounds: int) -> di
     import torch
 
     from clipcraft import create_model
-    from clipcraft.encoding import file_loader, shortcut_unavailable
-    from clipcraft.precision import resolve_precision
-    from clipcraft.search.collection import scan_images
-    from clipcraft.search.embed import iter_embeddings
+    from clipcraft.data.folder import scan_images
+    from clipcraft.encoding import EncodeSettings, image_loader, iter_images, shortcut_unavailable
+    from clipcraft.precision import autocast, resolve_precision
 
     paths = [str(FLICKR / e.path) for e in scan_images(FLICKR)][:n_images]
     torch.manual_seed(0)
     model = create_model("seed", pretrained=False).eval()
-    precision = resolve_precision("auto", model.device)
+    precision = resolve_precision(precision_word, model.device)
     transform = model.image_transform(train=False)
     oc = open_clip.CLIP(**OPEN_CLIP_SEED).eval()
     batches = [
@@ -198,21 +199,23 @@ def bench_embed(n_images: int, batch_size: int, workers: int, rounds: int) -> di
         return list(np.diff(stamps)[1:]), items
 
     def open_clip_batches() -> Any:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast("cpu", precision):
             for b in batches:
                 yield oc.encode_image(b, normalize=True)
 
     times: dict[str, list[float]] = {"loader": [], "index_build": [], "shortcut_off": [], "open_clip": []}
     vectors: dict[str, np.ndarray] = {}
     load = [os.getloadavg()[0]]
-    loader_times, _ = batch_times(file_loader(paths, transform, batch_size=batch_size, workers=workers))
+    loader_times, _ = batch_times(image_loader(paths, transform, batch_size=batch_size, workers=workers))
     times["loader"] += loader_times
     for r in range(rounds):
         for name, shortcut in (("index_build", None), ("shortcut_off", False)):
-            stream = iter_embeddings(model, paths, batch_size=batch_size, workers=workers, shortcut=shortcut)
-            t, items = batch_times(stream)
+            settings = EncodeSettings(
+                precision=precision, batch_size=batch_size, workers=workers, shortcut=shortcut
+            )
+            t, items = batch_times(iter_images(model, paths, settings))
             times[name] += t
-            vectors[name] = np.concatenate([b.embeddings for b in items])
+            vectors[name] = np.concatenate([b.vectors for b in items])
         times["open_clip"] += batch_times(open_clip_batches())[0]
         load.append(os.getloadavg()[0])
         rates = {k: batch_size / float(np.median(v)) for k, v in times.items() if k != "loader"}
@@ -231,7 +234,7 @@ def bench_embed(n_images: int, batch_size: int, workers: int, rounds: int) -> di
         "workers": workers,
         "rounds": rounds,
         "timed_batches_per_contender": len(times["open_clip"]),
-        "precision": precision,
+        "precision": f"{precision} (clipcraft and open_clip alike)",
         "torch_threads": torch.get_num_threads(),
         "class_token_shortcut": shortcut_unavailable(model) or "on",
         "load_average_1min": [round(x, 2) for x in load],
@@ -367,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed-images", type=int, default=32, help="images per embedding pass")
     parser.add_argument("--embed-batch", type=int, default=8, help="batch size of the embedding section")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the embedding contenders")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="fp32",
+        help="both contenders of the embed section",
+    )
     parser.add_argument("--note", default="", help="free text stored with the embedding figures")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/search[-quick].json)")
     args = parser.parse_args(argv)
@@ -416,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         if FLICKR.is_dir():
             n = 16 if args.quick else args.embed_images
             results["embed"] = bench_embed(
-                n, args.embed_batch, args.workers, 1 if args.quick else args.rounds
+                n, args.embed_batch, args.workers, 1 if args.quick else args.rounds, args.precision
             )
             if args.note:
                 results["embed"]["note"] = args.note

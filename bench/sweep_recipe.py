@@ -109,10 +109,14 @@ def _square(path: str, size: int) -> bytes:
         return buf.getvalue()
 
 
+def _text_features(model: Any, texts: list[str]) -> np.ndarray:
+    """(N, F) float32 text tower features in fp32, as the trainer's text cache computes them."""
+    return model.encode_texts(texts, batch_size=256, project=False, normalize=False, precision="fp32")
+
+
 def pack(args: argparse.Namespace) -> int:
     import clipcraft
     from clipcraft.data import open_dataset
-    from clipcraft.train.features import text_features
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +134,7 @@ def pack(args: argparse.Namespace) -> int:
         np.save(out / f"{split}-image-offsets.npy", offsets)
         captions = [c for r in ds.records for c in r.captions]
         counts = np.array([len(r.captions) for r in ds.records], dtype=np.int64)
-        feats = text_features(model, captions)  # the trainer's text-cache features
+        feats = _text_features(model, captions)  # the trainer's text-cache features
         scale = np.abs(feats).max(axis=1, keepdims=True) / 127.0
         np.save(out / f"{split}-text-int8.npy", np.round(feats / scale).astype(np.int8))
         np.save(out / f"{split}-text-scale.npy", scale.astype(np.float32))
@@ -159,14 +163,13 @@ def _pack_cifar(model: Any, root: Path, per_class: int, out: Path) -> dict[str, 
     from clipcraft.evaluation.labelled import read_class_folder
     from clipcraft.evaluation.zeroshot import DEFAULT_TEMPLATES
     from clipcraft.images import load_image
-    from clipcraft.train.features import text_features
 
     data = read_class_folder(root, limit_per_class=per_class)
     images = np.stack([np.asarray(load_image(p)) for p in data.paths])
     np.save(out / "cifar-images.npy", images.astype(np.uint8))
     np.save(out / "cifar-labels.npy", data.labels.astype(np.int64))
     prompts = [t.replace("{}", name) for name in data.classnames for t in DEFAULT_TEMPLATES]
-    np.save(out / "cifar-prompt-features.npy", text_features(model, prompts).astype(np.float32))
+    np.save(out / "cifar-prompt-features.npy", _text_features(model, prompts).astype(np.float32))
     print(f"cifar: {len(images)} test images, {len(prompts)} prompts", flush=True)
     return {"classnames": data.classnames, "templates": len(DEFAULT_TEMPLATES), "images": len(images)}
 

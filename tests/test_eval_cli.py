@@ -124,7 +124,7 @@ def test_bad_input_is_one_line_exit_2(model_dir, cifar_like, argv_tail, message,
 def test_missing_model_dir_is_a_clear_error(cifar_like, tmp_path, capsys) -> None:
     argv = ["eval", "zeroshot", "--model", str(tmp_path / "none"), "--data", str(cifar_like)]
     assert main(argv) == 2
-    assert "Model directory not found" in capsys.readouterr().err
+    assert "is not a clipcraft model directory: config.json is missing" in capsys.readouterr().err
 
 
 def test_classify_prints_labels_and_skips_bad_files(model_dir, cifar_like, capsys) -> None:

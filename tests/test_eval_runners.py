@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipcraft import encoding
+from clipcraft.encoding import EncodeSettings, encode_images
 from clipcraft.errors import ClipcraftError, UnknownNameError
-from clipcraft.evaluation import embeddings as emb_module
-from clipcraft.evaluation.embeddings import encode_image_files
 from clipcraft.evaluation.runners import (
     CLASSIFICATION_KEYS,
     RETRIEVAL_KEYS,
-    EncodeOptions,
     evaluate_linear_probe,
     evaluate_retrieval,
     evaluate_zeroshot,
@@ -23,7 +22,6 @@ from clipcraft.evaluation.runners import (
     metric_keys,
     select_metrics,
 )
-from clipcraft.precision import resolve_precision
 
 CLASSES = ("cat", "dog", "red_car")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
@@ -132,13 +130,13 @@ def test_second_run_reuses_cached_embeddings(
     tiny_model, tmp_path: Path, templates_file: Path, captions_csv: Path, monkeypatch
 ) -> None:
     root = _class_folder(tmp_path / "cls", 2)
-    options = EncodeOptions(cache_dir=str(tmp_path / "cache"))
-    first_zs = evaluate_zeroshot(tiny_model, root, templates_file=templates_file, options=options)
-    first_rt = evaluate_retrieval(tiny_model, captions_csv, options=options)
-    assert first_zs["cache"]["misses"] == 1 and first_rt["cache"]["misses"] == 2  # images, then captions
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    first_zs = evaluate_zeroshot(tiny_model, root, templates_file=templates_file, **cache)
+    first_rt = evaluate_retrieval(tiny_model, captions_csv, **cache)
+    assert first_zs["cache"]["misses"] == 2 and first_rt["cache"]["misses"] == 2  # images, then texts
 
     calls = {"images": 0, "texts": 0}
-    real_images, real_texts = emb_module.encode_image_files, emb_module.encode_captions
+    real_images, real_texts = encoding.encode_pixels, encoding._encode_tokens
 
     def count_images(*args, **kwargs):
         calls["images"] += 1
@@ -148,12 +146,12 @@ def test_second_run_reuses_cached_embeddings(
         calls["texts"] += 1
         return real_texts(*args, **kwargs)
 
-    monkeypatch.setattr(emb_module, "encode_image_files", count_images)
-    monkeypatch.setattr(emb_module, "encode_captions", count_texts)
-    second_zs = evaluate_zeroshot(tiny_model, root, templates_file=templates_file, options=options)
-    second_rt = evaluate_retrieval(tiny_model, captions_csv, options=options)
+    monkeypatch.setattr(encoding, "encode_pixels", count_images)
+    monkeypatch.setattr(encoding, "_encode_tokens", count_texts)
+    second_zs = evaluate_zeroshot(tiny_model, root, templates_file=templates_file, **cache)
+    second_rt = evaluate_retrieval(tiny_model, captions_csv, **cache)
     assert calls == {"images": 0, "texts": 0}
-    assert second_zs["cache"]["hits"] == 1 and second_rt["cache"]["hits"] == 2
+    assert second_zs["cache"]["hits"] == 2 and second_rt["cache"]["hits"] == 2
     for key in (*CLASSIFICATION_KEYS, "num_skipped"):
         assert second_zs[key] == first_zs[key]
     for key in (*RETRIEVAL_KEYS, "num_skipped"):
@@ -161,20 +159,20 @@ def test_second_run_reuses_cached_embeddings(
 
     # A changed file, or another output kind, misses the cache.
     _image(root / "cat" / "00.png", seed=999)
-    evaluate_zeroshot(tiny_model, root, templates_file=templates_file, options=options)
+    evaluate_zeroshot(tiny_model, root, templates_file=templates_file, **cache)
     assert calls["images"] == 1
 
 
 def test_worker_processes_give_the_same_embeddings_and_skips(tiny_model, tmp_path: Path) -> None:
     root = _class_folder(tmp_path / "cls", 3)
     paths = sorted(str(p) for p in root.rglob("*") if p.is_file())
-    inline = encode_image_files(tiny_model, paths, workers=0, batch_size=4)
-    pooled = encode_image_files(tiny_model, paths, workers=2, batch_size=4)
+    inline = encode_images(tiny_model, paths, EncodeSettings(workers=0, batch_size=4))
+    pooled = encode_images(tiny_model, paths, EncodeSettings(workers=2, batch_size=4))
     np.testing.assert_allclose(pooled.vectors, inline.vectors, rtol=1e-5, atol=1e-6)
     assert pooled.kept.tolist() == inline.kept.tolist() and len(inline.kept) == 9
     assert (
-        [p for p, _ in pooled.failed]
-        == [p for p, _ in inline.failed]
+        [bad.where for bad in pooled.failed]
+        == [bad.where for bad in inline.failed]
         == [str(root / "dog" / "zz_corrupt.jpg")]
     )
     # The same images through the model's own encode_images: the runner path adds nothing.
@@ -214,8 +212,30 @@ def test_unknown_metric_and_task_names() -> None:
         metric_keys("retreival")
 
 
-def test_precision_auto_is_fp32_on_cpu() -> None:
-    assert resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision("bf16", "cpu") == "bf16"
-    with pytest.raises(ClipcraftError, match="precision"):
-        resolve_precision("fp16", "cpu")
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_one_precision_for_images_and_texts_fp32_by_default_on_any_cpu(
+    tiny_model, tmp_path: Path, templates_file: Path, captions_csv: Path, monkeypatch, native_bf16: bool
+) -> None:
+    """The hardware probe patched both ways: the default is fp32 everywhere; ``auto`` follows the hardware,
+    and images and prompts/captions of one evaluation always run in the same precision."""
+    monkeypatch.setattr("clipcraft.precision.cpu_has_native_bf16", lambda: native_bf16)
+    seen: list[str] = []
+    real_images, real_texts = encoding.encode_pixels, encoding._encode_tokens
+
+    def spy_images(model, pixels, **kwargs):
+        seen.append(f"image:{kwargs['precision']}")
+        return real_images(model, pixels, **kwargs)
+
+    def spy_texts(model, texts, output, precision):
+        seen.append(f"text:{precision}")
+        return real_texts(model, texts, output, precision)
+
+    monkeypatch.setattr(encoding, "encode_pixels", spy_images)
+    monkeypatch.setattr(encoding, "_encode_tokens", spy_texts)
+    root = _class_folder(tmp_path / "cls", 2)
+    default = evaluate_retrieval(tiny_model, captions_csv)
+    assert default["precision"] == "fp32" and set(seen) == {"image:fp32", "text:fp32"}
+    seen.clear()
+    auto = evaluate_zeroshot(tiny_model, root, templates_file=templates_file, precision="auto")
+    expected = "bf16" if native_bf16 else "fp32"
+    assert auto["precision"] == expected and set(seen) == {f"image:{expected}", f"text:{expected}"}

@@ -35,13 +35,21 @@ class FakeModel:
         if logit_scale is not None:
             self.logit_scale = logit_scale
         self.text_calls: list[dict] = []
+        self.image_precisions: list[str] = []
 
-    def encode_texts(self, texts: list[str], batch_size: int = 32, normalize: bool = True) -> np.ndarray:
-        self.text_calls.append({"n": len(texts), "batch_size": batch_size, "normalize": normalize})
+    def encode_texts(
+        self, texts: list[str], batch_size: int = 32, normalize: bool = True, precision: str = "fp32"
+    ) -> np.ndarray:
+        self.text_calls.append(
+            {"n": len(texts), "batch_size": batch_size, "normalize": normalize, "precision": precision}
+        )
         out = np.stack([_text_vector(t) for t in texts])  # (N, D)
         return out / np.linalg.norm(out, axis=1, keepdims=True) if normalize else out
 
-    def encode_images(self, images: list, batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+    def encode_images(
+        self, images: list, batch_size: int = 32, normalize: bool = True, precision: str = "fp32"
+    ) -> np.ndarray:
+        self.image_precisions.append(precision)
         out = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # (N, D)
         return out / np.linalg.norm(out, axis=1, keepdims=True) if normalize else out
 
@@ -77,7 +85,7 @@ def test_predictions_equal_plain_argmax_over_averaged_text_embeddings() -> None:
     np.testing.assert_allclose(clf.weights, weights, atol=1e-6)
     assert probs.shape == (50, 4) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert model.text_calls == [{"n": 12, "batch_size": 7, "normalize": True}]
+    assert model.text_calls == [{"n": 12, "batch_size": 7, "normalize": True, "precision": "fp32"}]
 
 
 def test_weights_are_renormalized_even_from_an_unnormalizing_encoder() -> None:
@@ -183,3 +191,15 @@ def test_read_classnames_errors(tmp_path: Path) -> None:
     blank_name.write_text("n01\t \n", encoding="utf-8")
     with pytest.raises(ClipcraftError, match="empty folder or class name"):
         read_classnames(blank_name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prompts_and_images_use_one_precision(precision: str) -> None:
+    model = FakeModel()
+    clf = ZeroShotClassifier(model, ["cat", "dog"], ["a {}."], precision=precision)
+    clf.predict([np.ones(DIM, dtype=np.float32)])
+    assert [c["precision"] for c in model.text_calls] == [precision]
+    assert model.image_precisions == [precision]
+    default = FakeModel()
+    ZeroShotClassifier(default, ["cat"], ["a {}."]).predict([np.ones(DIM, dtype=np.float32)])
+    assert default.text_calls[0]["precision"] == default.image_precisions[0] == "fp32"

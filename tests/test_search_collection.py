@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from clipcraft.data.folder import scan_images
 from clipcraft.errors import ClipcraftError
-from clipcraft.search.collection import read_captions, scan_images
+from clipcraft.search.collection import read_captions
 
 
 def test_scan_is_recursive_sorted_and_skips_hidden_and_non_images(tmp_path):

@@ -6,9 +6,19 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from clipcraft import __version__
 from clipcraft.errors import ClipcraftError
+from clipcraft.flags import (
+    add_device,
+    add_encoding,
+    check_batch_size,
+    device_of,
+    load_model_arg,
+    precision_of,
+)
 
 # Feature packages add their own subcommands: each module has ``register(subparsers, formatter_class)``, which
 # must stay light (no torch, FAISS or web imports at registration; import inside the command function).
@@ -45,7 +55,12 @@ def _cmd_create(args: argparse.Namespace) -> int:
     from clipcraft.model import create_model
 
     pretrained = {"auto": None, "yes": True, "no": False}[args.pretrained]
-    model = create_model(args.preset, pretrained=pretrained, image_checkpoint=args.image_checkpoint)
+    model = create_model(
+        args.preset,
+        pretrained=pretrained,
+        image_checkpoint=args.image_checkpoint,
+        device=device_of(args.device),
+    )
     path = model.save(args.out)
     params = sum(p.numel() for p in model.parameters())
     print(f"Saved {args.preset} ({params / 1e6:.1f}M parameters) to {path}")
@@ -55,21 +70,82 @@ def _cmd_create(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from clipcraft.model import load
-
-    model = load(args.model)
     if bool(args.images) == bool(args.texts):
         raise ClipcraftError("Pass image files or --text captions (one of them).")
+    check_batch_size(args)
+    device = device_of(args.device)
+    precision = precision_of(args, device)
+    model = load_model_arg(args.model, device)
     if args.images:
-        vectors = model.encode_images(args.images, batch_size=args.batch_size, progress=True)
+        vectors = model.encode_images(
+            args.images, batch_size=args.batch_size, precision=precision, progress=True
+        )
     else:
-        vectors = model.encode_texts(args.texts, batch_size=args.batch_size)
+        vectors = model.encode_texts(args.texts, batch_size=args.batch_size, precision=precision)
     if args.out:
         np.save(args.out, vectors)
-        print(f"Wrote {vectors.shape} float32 embeddings to {args.out}")
+        print(f"Wrote {vectors.shape} float32 embeddings ({precision}) to {args.out}")
     else:
         np.savetxt(sys.stdout, vectors, fmt="%.6f")
     return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    """Zero-shot against ``--labels``, or a fine-tuned model's own head; one precision for prompts and images."""
+    import numpy as np
+
+    from clipcraft.encoding import EncodeSettings, encode_images
+    from clipcraft.evaluation.zeroshot import ZeroShotClassifier, load_templates
+
+    if args.top_k < 1:
+        raise ClipcraftError(f"--top-k must be >= 1; got {args.top_k}.")
+    check_batch_size(args)
+    device = device_of(args.device)
+    precision = precision_of(args, device)
+    classifier: Any
+    if args.labels is None:  # the fine-tuned head of a `clipcraft finetune` output
+        from clipcraft.finetune.classifier import has_classifier, load_classifier
+
+        if not Path(args.model).is_dir():
+            raise ClipcraftError(f"Model directory not found: {args.model}")
+        if not has_classifier(args.model):
+            raise ClipcraftError(
+                f'{args.model} is not a fine-tuned classifier; give the classes with --labels "cat,dog,car" '
+                "(or fine-tune one with `clipcraft finetune`)."
+            )
+        if args.templates:
+            raise ClipcraftError(
+                "--templates applies to zero-shot --labels; a fine-tuned head has no prompts."
+            )
+        classifier = load_classifier(args.model, device=device)
+        model = classifier.model
+        labels = classifier.classnames
+    else:
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+        if not labels:
+            raise ClipcraftError('--labels needs at least one class name, e.g. --labels "cat,dog,car".')
+        if len(set(labels)) != len(labels):
+            raise ClipcraftError(f"--labels repeats a class name: {labels}.")
+        templates = load_templates(args.templates) if args.templates else None
+        model = load_model_arg(args.model, device)
+        classifier = ZeroShotClassifier(model, labels, templates, precision=precision)
+    # Encoded here rather than by classifier.predict so that one unreadable file is reported, not fatal.
+    settings = EncodeSettings(precision=precision, batch_size=args.batch_size, workers=args.workers)
+    emb = encode_images(model, args.images, settings)
+    for bad in emb.failed:
+        print(f"clipcraft: skipped {bad.where}: {bad.reason}", file=sys.stderr)
+    if emb.vectors.shape[0] == 0:
+        raise ClipcraftError(f"None of the {len(args.images)} images could be read.")
+    _, probs = classifier.predict_embeddings(emb.vectors)  # (N_ok, C)
+    k = min(args.top_k, len(labels))
+    for row, i in enumerate(emb.kept):
+        order = np.argsort(-probs[row], kind="stable")[:k]
+        top = [(labels[j], float(probs[row, j])) for j in order]
+        if args.json:
+            print(json.dumps({"image": args.images[i], "label": top[0][0], "top": [list(t) for t in top]}))
+        else:
+            print(f"{args.images[i]}\t" + "\t".join(f"{name} {p:.3f}" for name, p in top))
+    return 0 if not emb.failed else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -142,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained", choices=["auto", "yes", "no"], default="auto", help="pretrained tower weights"
     )
     p.add_argument("--image-checkpoint", default=None, help="local weights file for the image tower")
+    add_device(p)
     p.set_defaults(func=_cmd_create)
 
     p = sub.add_parser(
@@ -154,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="saved model directory")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--text", dest="texts", action="append", default=[], help="a caption (repeatable)")
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, help=".npy file to write (default: print)")
+    add_encoding(p, batch_size=32)
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser(
@@ -173,6 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="training config overrides, e.g. epochs=2"
     )
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "classify",
+        help="classify images: zero-shot against class names, or with a fine-tuned model's own classes",
+        epilog='Examples:\n  clipcraft classify --model M --labels "cat,dog,car" photo1.jpg photo2.png\n'
+        "  clipcraft classify --model runs/cifar10-ft photo1.jpg     # a `clipcraft finetune` output\n\n"
+        "Prints one line per image: the path, then the top-k classes with their probabilities. A model made\n"
+        "by `clipcraft finetune` classifies with its fine-tuned head and classes unless --labels is given\n"
+        "(then: zero-shot against those labels). Images that cannot be read are reported on stderr and\n"
+        "skipped; the exit code is then 1.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--model", required=True, help="saved model directory")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated class names, e.g. 'cat,dog,car'; required unless the model is fine-tuned",
+    )
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--templates", default=None, help="prompt templates file, one per line with {}")
+    p.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    add_encoding(p)
+    p.set_defaults(func=_cmd_classify)
 
     for module_name in COMMAND_MODULES:
         import importlib

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipcraft import __version__
 from clipcraft.errors import ClipcraftError
+from clipcraft.flags import print_help_and_fail
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -623,7 +624,7 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
         formatter_class=formatter_class,
     )
     export_sub = p.add_subparsers(dest="export_command", metavar="FORMAT")
-    p.set_defaults(func=lambda _args: (p.print_help(), 0)[1])
+    p.set_defaults(func=lambda _args: print_help_and_fail(p))
     o = export_sub.add_parser(
         "onnx",
         help="image and text sides as two ONNX graphs, with preprocessing and tokenizer files",

@@ -26,8 +26,8 @@ from clipcraft import __version__
 from clipcraft.config import ModelConfig
 from clipcraft.errors import CheckpointError, ClipcraftError, PretrainedWeightsError
 from clipcraft.heads import build_head
-from clipcraft.images import ImageInput, load_image
-from clipcraft.precision import autocast, resolve_precision
+from clipcraft.images import ImageInput
+from clipcraft.precision import INFERENCE_DEFAULT, Precision, autocast, resolve_precision
 from clipcraft.towers import ImageTower, TextTower, load_tokenizer
 
 FORMAT_NAME = "clipcraft"
@@ -156,32 +156,32 @@ class ClipModel(nn.Module):
         batch_size: int = 32,
         normalize: bool = True,
         project: bool = True,
-        precision: str = "fp32",
+        precision: str | Precision = INFERENCE_DEFAULT,
         progress: bool = False,
     ) -> np.ndarray:
-        """Embed images, in input order, batched, without gradients.
+        """Embed images, in input order, batched, without gradients (through :mod:`clipcraft.encoding`).
 
         Args:
-            images: file paths and/or PIL images (any mode: grayscale, RGBA, 16-bit are converted to RGB).
+            images: file paths, PIL images (any mode: grayscale, RGBA, 16-bit are converted to RGB), (3, H, W)
+                preprocessed pixel tensors, or a folder (its image files, sorted).
             project: False returns the image tower's pooled features (N, F) instead of embeddings (N, D).
-            normalize: L2-normalise each returned row.
-            precision: "fp32", or "bf16" (autocast; output is still float32).
+            normalize: L2-normalise each row of the features (embeddings are always unit-norm).
+            precision: "fp32" (default: the same numbers on every machine), "bf16", or "auto" (bf16 where the
+                hardware has native bf16); the output is float32 either way.
 
         Returns: float32 array (N, D), or (N, F) with ``project=False``; (0, D) for an empty list.
         Raises :class:`~clipcraft.errors.ImageLoadError` naming the file that is missing or not an image.
         """
-        items = (
-            [images] if isinstance(images, (str, os.PathLike)) or hasattr(images, "mode") else list(images)
+        from clipcraft.encoding import EncodeSettings, encode_images
+
+        settings = EncodeSettings(
+            output="embeddings" if project else "features",
+            precision=resolve_precision(precision, self.device),
+            batch_size=batch_size,
+            progress=progress,
         )
-        transform = self.image_transform(train=False)
-        width = self.embed_dim if project else self.image_tower.num_features
-
-        def run(batch: list[ImageInput]) -> Tensor:
-            pixels = torch.stack([transform(load_image(x)) for x in batch]).to(self.device)  # (B, 3, H, W)
-            features = self.image_tower(pixels)
-            return self.image_head(features) if project else features
-
-        return self._encode(items, run, batch_size, normalize, precision, progress, width, "images")
+        vectors = encode_images(self, images, settings).check_all().vectors
+        return _normalized(vectors) if normalize and not project else vectors
 
     def encode_texts(
         self,
@@ -189,58 +189,31 @@ class ClipModel(nn.Module):
         batch_size: int = 64,
         normalize: bool = True,
         project: bool = True,
-        precision: str = "fp32",
+        precision: str | Precision = INFERENCE_DEFAULT,
         progress: bool = False,
     ) -> np.ndarray:
-        """Embed captions, in input order, batched, without gradients.
+        """Embed captions, in input order, batched, without gradients (through :mod:`clipcraft.encoding`).
 
         Captions longer than the tower's ``max_length`` tokens are truncated. A single string is treated as
         a list of one. Other arguments and the return value as for :meth:`encode_images`. Batches are formed
         from captions of similar length (longest first), so little time goes into padding; the rows come back
         in input order.
         """
-        items = [texts] if isinstance(texts, str) else list(texts)
-        bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"encode_texts takes strings; item {bad[0]} is {type(items[bad[0]]).__name__}.")
-        width = self.embed_dim if project else self.text_tower.num_features
+        from clipcraft.encoding import EncodeSettings, encode_texts
 
-        def run(batch: list[str]) -> Tensor:
-            tokens = {k: v.to(self.device) for k, v in self.tokenize(batch).items()}
-            features = self.text_tower(tokens["input_ids"], tokens["attention_mask"])
-            return self.text_head(features) if project else features
-
-        by_length = np.argsort([-len(t) for t in items], kind="stable")
-        return self._encode(items, run, batch_size, normalize, precision, progress, width, "texts", by_length)
-
-    def _encode(  # type: ignore[no-untyped-def]
-        self, items, run, batch_size, normalize, precision, progress, width, what, order=None
-    ) -> np.ndarray:
-        """Run ``run`` over ``items`` in batches (in ``order``, a permutation, when given); rows in input order."""
-        if batch_size < 1:
-            raise ClipcraftError(f"batch_size must be >= 1, got {batch_size}.")
-        if not items:
-            return np.zeros((0, width), dtype=np.float32)
-        out = np.empty((len(items), width), dtype=np.float32)
-        order = np.arange(len(items)) if order is None else order
-        starts = range(0, len(items), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"embedding {what}", unit="batch")
-        with self.inference(precision):
-            for start in starts:
-                rows = order[start : start + batch_size]
-                vectors = run([items[i] for i in rows]).float()  # (b, width)
-                if normalize:
-                    vectors = nn.functional.normalize(vectors, dim=-1)
-                out[rows] = vectors.cpu().numpy()
-        return out
+        settings = EncodeSettings(
+            output="embeddings" if project else "features",
+            precision=resolve_precision(precision, self.device),
+            text_batch_size=batch_size,
+            progress=progress,
+        )
+        vectors = encode_texts(self, texts, settings).vectors
+        return _normalized(vectors) if normalize and not project else vectors
 
     @contextlib.contextmanager
-    def inference(self, precision: str = "fp32") -> Iterator[None]:
-        """Eval mode, no autograd and ``precision`` ("fp32", "bf16" or "auto") for the block; the previous
-        train/eval mode comes back afterwards."""
+    def inference(self, precision: str | Precision = INFERENCE_DEFAULT) -> Iterator[None]:
+        """Eval mode, no autograd and ``precision`` ("fp32", "bf16", "auto" or a :class:`Precision`) for the
+        block; the previous train/eval mode comes back afterwards."""
         precision = resolve_precision(precision, self.device)
         was_training = self.training
         self.eval()
@@ -281,6 +254,12 @@ class ClipModel(nn.Module):
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, target)
         return target
+
+
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -74,10 +74,7 @@ def resolve_precision(request: str | Precision, device: Any) -> Precision:
     if request != "auto":
         return Precision(request)
     kind = device_type(device)
-    if kind == "cuda":
-        native = cuda_has_bf16(device)
-    else:
-        native = kind == "cpu" and cpu_has_native_bf16()
+    native = cuda_has_bf16(device) if kind == "cuda" else kind == "cpu" and cpu_has_native_bf16()
     return Precision.BF16 if native else Precision.FP32
 
 

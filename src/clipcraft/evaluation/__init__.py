@@ -2,7 +2,7 @@
 
 The metrics are pure functions over arrays; the runners (``evaluate_retrieval``, ``evaluate_zeroshot``,
 ``evaluate_linear_probe``) go from a model and data paths to embeddings (batched, cached; see
-``embeddings.py``) to metrics. Importing this package needs numpy and PIL only; torch, scikit-learn (linear
+:mod:`clipcraft.encoding`) to metrics. Importing this package needs numpy and PIL only; torch, scikit-learn (linear
 probe) and matplotlib (plots) are imported by the functions that use them.
 """
 
@@ -17,7 +17,6 @@ from clipcraft.evaluation.retrieval import (
     retrieval_ranks_from_similarity,
 )
 from clipcraft.evaluation.runners import (
-    EncodeOptions,
     evaluate_linear_probe,
     evaluate_retrieval,
     evaluate_zeroshot,
@@ -36,7 +35,6 @@ __all__ = [
     "DEFAULT_L2_GRID",
     "DEFAULT_LOGIT_SCALE",
     "DEFAULT_TEMPLATES",
-    "EncodeOptions",
     "LabelledImages",
     "LinearProbe",
     "ZeroShotClassifier",

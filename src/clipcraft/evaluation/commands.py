@@ -1,4 +1,4 @@
-"""The ``clipcraft eval`` and ``clipcraft classify`` subcommands.
+"""The ``clipcraft eval`` subcommands (``classify``, which also reads fine-tuned heads, lives in the CLI).
 
 Registration imports nothing heavy: torch, scikit-learn and matplotlib load inside the command functions.
 """
@@ -6,12 +6,17 @@ Registration imports nothing heavy: torch, scikit-learn and matplotlib load insi
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from clipcraft.errors import ClipcraftError
+from clipcraft.flags import (
+    add_encoding,
+    check_batch_size,
+    device_of,
+    load_model_arg,
+    precision_of,
+    print_help_and_fail,
+)
 
 EVAL_EPILOG = """Examples:
   clipcraft eval retrieval --model M --data ../shared/data/flickr8k --split test --out flickr8k.json
@@ -25,17 +30,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="saved model directory (from `clipcraft create` or training)"
     )
     p.add_argument("--out", default=None, help="JSON file to write the results to")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, else fp32"
-    )
-    p.add_argument("--device", default=None, help="torch device; None means cuda if available, else cpu")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="image decoding processes; None means 0 for small sets, else CPUs/2 (at most 4)",
-    )
+    add_encoding(p)
     p.add_argument("--cache-dir", default=None, help="folder to cache embeddings in, reused by repeated runs")
     p.add_argument(
         "--metrics", default=None, help="comma-separated metric names to print (the JSON always has all)"
@@ -123,61 +118,23 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.set_defaults(func=_cmd_linear_probe)
 
-    ev.set_defaults(func=lambda args: _no_task(ev))
-
-    p = subparsers.add_parser(
-        "classify",
-        help="classify images: zero-shot against class names, or with a fine-tuned model's own classes",
-        epilog='Examples:\n  clipcraft classify --model M --labels "cat,dog,car" photo1.jpg photo2.png\n'
-        "  clipcraft classify --model runs/cifar10-ft photo1.jpg     # a `clipcraft finetune` output\n\n"
-        "Prints one line per image: the path, then the top-k classes with their probabilities. A model made\n"
-        "by `clipcraft finetune` classifies with its fine-tuned head and classes unless --labels is given\n"
-        "(then: zero-shot against those labels). Images that cannot be read are reported on stderr and\n"
-        "skipped; the exit code is then 1.",
-        formatter_class=formatter_class,
-    )
-    p.add_argument("--model", required=True, help="saved model directory")
-    p.add_argument(
-        "--labels",
-        default=None,
-        help="comma-separated class names, e.g. 'cat,dog,car'; required unless the model is fine-tuned",
-    )
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--templates", default=None, help="prompt templates file, one per line with {}")
-    p.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    p.add_argument("--device", default=None, help="torch device; None means cuda if available, else cpu")
-    p.set_defaults(func=_cmd_classify)
+    ev.set_defaults(func=lambda args: print_help_and_fail(ev))
 
 
-def _no_task(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
+def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model on its device and the encoding settings: ``--precision`` resolved once, for images and
+    texts alike."""
+    from clipcraft.encoding import EncodeSettings
 
-
-def _load_model(path: str, device: str | None) -> Any:
-    import torch
-
-    from clipcraft.model import load
-
-    if not Path(path).is_dir():
-        raise ClipcraftError(f"Model directory not found: {path}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(path, device=device)
-
-
-def _options(args: argparse.Namespace) -> Any:
-    from clipcraft.evaluation.runners import EncodeOptions
-
-    if args.batch_size < 1:
-        raise ClipcraftError(f"--batch-size must be >= 1; got {args.batch_size}.")
-    return EncodeOptions(
+    check_batch_size(args)
+    device = device_of(args.device)
+    settings = EncodeSettings(
+        precision=precision_of(args, device),
         batch_size=args.batch_size,
-        precision=args.precision,
         workers=args.workers,
-        cache_dir=args.cache_dir,
         progress=not args.quiet,
     )
+    return load_model_arg(args.model, device), settings
 
 
 def _finish(task: str, result: dict[str, Any], args: argparse.Namespace) -> int:
@@ -213,9 +170,10 @@ def _cmd_retrieval(args: argparse.Namespace) -> int:
     from clipcraft.evaluation.runners import evaluate_retrieval
 
     _check_metrics("retrieval", args)
-    options = _options(args)
-    model = _load_model(args.model, args.device)
-    result = evaluate_retrieval(model, args.data, split=args.split, limit=args.limit, options=options)
+    model, settings = _prepare(args)
+    result = evaluate_retrieval(
+        model, args.data, split=args.split, limit=args.limit, settings=settings, cache_dir=args.cache_dir
+    )
     return _finish("retrieval", result, args)
 
 
@@ -223,11 +181,10 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from clipcraft.evaluation.runners import evaluate_zeroshot
 
     _check_metrics("zeroshot", args)
-    options = _options(args)
     confusion = args.confusion
     if confusion is None and args.out:
         confusion = str(Path(args.out).with_suffix("")) + ".confusion.png"
-    model = _load_model(args.model, args.device)
+    model, settings = _prepare(args)
     result = evaluate_zeroshot(
         model,
         args.data,
@@ -236,7 +193,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         templates_file=args.templates,
         limit_per_class=args.limit_per_class,
         confusion_png=confusion,
-        options=options,
+        settings=settings,
+        cache_dir=args.cache_dir,
     )
     return _finish("zeroshot", result, args)
 
@@ -245,9 +203,8 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
     from clipcraft.evaluation.runners import evaluate_linear_probe, resolve_probe_data
 
     _check_metrics("linear-probe", args)
-    options = _options(args)
     train, test = resolve_probe_data(args.data, args.train_data, args.test_data, args.split)
-    model = _load_model(args.model, args.device)
+    model, settings = _prepare(args)
     result = evaluate_linear_probe(
         model,
         train,
@@ -257,62 +214,7 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
         limit_per_class=args.limit_per_class,
         val_fraction=args.val_fraction,
         seed=args.seed,
-        options=options,
+        settings=settings,
+        cache_dir=args.cache_dir,
     )
     return _finish("linear-probe", result, args)
-
-
-def _cmd_classify(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from clipcraft.evaluation.embeddings import encode_image_files
-    from clipcraft.evaluation.zeroshot import ZeroShotClassifier, load_templates
-
-    if args.top_k < 1:
-        raise ClipcraftError(f"--top-k must be >= 1; got {args.top_k}.")
-    classifier: Any
-    if args.labels is None:  # the fine-tuned head of a `clipcraft finetune` output
-        import torch
-
-        from clipcraft.finetune.classifier import has_classifier, load_classifier
-
-        if not Path(args.model).is_dir():
-            raise ClipcraftError(f"Model directory not found: {args.model}")
-        if not has_classifier(args.model):
-            raise ClipcraftError(
-                f'{args.model} is not a fine-tuned classifier; give the classes with --labels "cat,dog,car" '
-                "(or fine-tune one with `clipcraft finetune`)."
-            )
-        if args.templates:
-            raise ClipcraftError(
-                "--templates applies to zero-shot --labels; a fine-tuned head has no prompts."
-            )
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        classifier = load_classifier(args.model, device=device)
-        model = classifier.model
-        labels = classifier.classnames
-    else:
-        labels = [s.strip() for s in args.labels.split(",") if s.strip()]
-        if not labels:
-            raise ClipcraftError('--labels needs at least one class name, e.g. --labels "cat,dog,car".')
-        if len(set(labels)) != len(labels):
-            raise ClipcraftError(f"--labels repeats a class name: {labels}.")
-        templates = load_templates(args.templates) if args.templates else None
-        model = _load_model(args.model, args.device)
-        classifier = ZeroShotClassifier(model, labels, templates)
-    # Encoded here rather than by classifier.predict so that one unreadable file is reported, not fatal.
-    emb = encode_image_files(model, args.images, workers=0)
-    for path, reason in emb.failed:
-        print(f"clipcraft: skipped {path}: {reason}", file=sys.stderr)
-    if emb.vectors.shape[0] == 0:
-        raise ClipcraftError(f"None of the {len(args.images)} images could be read.")
-    _, probs = classifier.predict_embeddings(emb.vectors)  # (N_ok, C)
-    k = min(args.top_k, len(labels))
-    for row, i in enumerate(emb.kept):
-        order = np.argsort(-probs[row], kind="stable")[:k]
-        top = [(labels[j], float(probs[row, j])) for j in order]
-        if args.json:
-            print(json.dumps({"image": args.images[i], "label": top[0][0], "top": [list(t) for t in top]}))
-        else:
-            print(f"{args.images[i]}\t" + "\t".join(f"{name} {p:.3f}" for name, p in top))
-    return 0 if not emb.failed else 1

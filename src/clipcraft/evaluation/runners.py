@@ -4,6 +4,12 @@ Each runner takes a model and data paths and returns a ``dict`` whose metric key
 (:data:`RETRIEVAL_KEYS`, :data:`CLASSIFICATION_KEYS`); the rest of the dict says what was measured (counts,
 skipped files, split, settings). :func:`format_table` renders one for people. The metrics themselves are the
 pure functions of :mod:`clipcraft.evaluation.retrieval` and :mod:`clipcraft.evaluation.metrics`.
+
+Every runner encodes through :mod:`clipcraft.encoding` and takes the same three encoding arguments:
+``settings`` (:class:`~clipcraft.encoding.EncodeSettings`: batch size, workers, progress; fp32 by default),
+``precision`` (the user's word, ``fp32``/``bf16``/``auto``, resolved here once and used for the images and
+the texts alike) and ``cache_dir`` (a folder of cached vectors, keyed on model, inputs, preprocessing,
+output kind and precision). The precision that ran is the result's ``precision``.
 """
 
 from __future__ import annotations
@@ -11,22 +17,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clipcraft.errors import ClipcraftError, unknown_name
-from clipcraft.evaluation.embeddings import (
-    EmbeddingCache,
-    ImageEmbeddings,
-    image_embeddings,
-    model_identity,
-    resolve_precision,
-    text_embeddings,
-)
 from clipcraft.evaluation.labelled import LabelledImages, open_labelled
+from clipcraft.precision import Precision, resolve_precision
+
+if TYPE_CHECKING:  # torch loads only when a runner encodes, so importing the package stays light
+    from clipcraft.encoding import Encoded, EncodeSettings
 
 TASKS = ("retrieval", "zeroshot", "linear-probe")
 RETRIEVAL_KEYS = (
@@ -48,64 +49,56 @@ FEATURE_KINDS = ("post", "pre")  # post: projected, normalized embeddings; pre: 
 MAX_LISTED_SKIPS = 20
 
 
-@dataclass
-class EncodeOptions:
-    """How embeddings are computed; shared by every runner."""
-
-    batch_size: int = 64  # images per forward pass
-    precision: str = "auto"  # auto: bf16 on CUDA that supports it, else fp32
-    workers: int | None = None  # DataLoader processes; None: 0 for small sets, else half the CPUs (<= 8)
-    cache_dir: str | None = None  # folder of cached embeddings; None: no cache
-    progress: bool = False  # progress bars on stderr
-
-
 class _Encoder:
-    """Embeds with one model and one set of options; hashes the model once, for the cache keys."""
+    """One evaluation's encoding: one model, one :class:`EncodeSettings` (so images and texts share one
+    precision), one optional cache; the model is hashed once, for the cache keys."""
 
-    def __init__(self, model: Any, options: EncodeOptions) -> None:
+    def __init__(
+        self,
+        model: Any,
+        settings: EncodeSettings | None,
+        precision: str | Precision | None,
+        cache_dir: str | os.PathLike[str] | None,
+    ) -> None:
+        from clipcraft.encoding import EncodeSettings, EncodingCache, with_settings
+
         self.model = model
-        self.options = options
-        self.precision = resolve_precision(options.precision, model.device)
-        self.cache = EmbeddingCache(options.cache_dir) if options.cache_dir else None
-        self.identity = model_identity(model) if self.cache is not None else None
+        settings = settings or EncodeSettings()
+        if precision is not None:  # the user's word, resolved here at the edge
+            settings = with_settings(settings, precision=resolve_precision(precision, model.device))
+        self.settings = settings
+        self.cache = EncodingCache(cache_dir) if cache_dir else None
+        self.identity = None
+        if self.cache is not None:
+            from clipcraft.digests import model_identity
 
-    def images(self, paths: Sequence[str], project: bool = True) -> ImageEmbeddings:
-        o = self.options
-        return image_embeddings(
-            self.model,
-            paths,
-            cache=self.cache,
-            identity=self.identity,
-            project=project,
-            batch_size=o.batch_size,
-            precision=self.precision,
-            workers=o.workers,
-            progress=o.progress,
-        )
+            self.identity = model_identity(model)
+
+    def images(self, paths: Sequence[str], output: str = "embeddings") -> Encoded:
+        from clipcraft.encoding import encode_images, with_settings
+
+        settings = with_settings(self.settings, output=output)
+        return encode_images(self.model, paths, settings, cache=self.cache, identity=self.identity)
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
-        o = self.options
-        return text_embeddings(
-            self.model,
-            texts,
-            cache=self.cache,
-            identity=self.identity,
-            precision=self.precision,
-            progress=o.progress,
-        )
+        from clipcraft.encoding import encode_texts
+
+        return encode_texts(
+            self.model, texts, self.settings, cache=self.cache, identity=self.identity
+        ).vectors
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"precision": self.precision}
+        out: dict[str, Any] = {"precision": self.settings.precision.value}
         if self.cache is not None:
             out["cache"] = {"dir": str(self.cache.root), "hits": self.cache.hits, "misses": self.cache.misses}
         return out
 
 
-def _skips(*sets: ImageEmbeddings) -> dict[str, Any]:
+def _skips(*sets: Encoded) -> dict[str, Any]:
     failed = [f for s in sets for f in s.failed]
     return {
         "num_skipped": len(failed),
-        "skipped": [{"path": p, "reason": r} for p, r in failed[:MAX_LISTED_SKIPS]],
+        "skipped": [{"path": bad.where, "reason": bad.reason} for bad in failed[:MAX_LISTED_SKIPS]],
     }
 
 
@@ -167,7 +160,9 @@ def evaluate_retrieval(
     *,
     split: str | None = None,
     limit: int | None = None,
-    options: EncodeOptions | None = None,
+    settings: EncodeSettings | None = None,
+    precision: str | Precision | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     chunk_size: int = 1024,
 ) -> dict[str, Any]:
     """Image<->text retrieval by the multi-caption protocol on ``data`` (see :func:`load_caption_records`).
@@ -180,7 +175,7 @@ def evaluate_retrieval(
     from clipcraft.evaluation.retrieval import retrieval_metrics
 
     start = time.perf_counter()
-    encoder = _Encoder(model, options or EncodeOptions())
+    encoder = _Encoder(model, settings, precision, cache_dir)
     paths, captions, used_split, bad_rows = load_caption_records(data, split, limit)
     img = encoder.images(paths)
     if img.vectors.shape[0] == 0:
@@ -218,7 +213,9 @@ def evaluate_zeroshot(
     templates_file: str | os.PathLike[str] | None = None,
     limit_per_class: int | None = None,
     confusion_png: str | os.PathLike[str] | None = None,
-    options: EncodeOptions | None = None,
+    settings: EncodeSettings | None = None,
+    precision: str | Precision | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot classification of a labelled image set (see :func:`open_labelled`).
 
@@ -231,13 +228,15 @@ def evaluate_zeroshot(
     from clipcraft.evaluation.zeroshot import ZeroShotClassifier, load_templates
 
     start = time.perf_counter()
-    encoder = _Encoder(model, options or EncodeOptions())
+    encoder = _Encoder(model, settings, precision, cache_dir)
     labelled = open_labelled(data, classnames_file, split=split, limit_per_class=limit_per_class)
     templates = load_templates(templates_file) if templates_file is not None else None
     img = encoder.images(labelled.paths)
     if img.vectors.shape[0] == 0:
         raise ClipcraftError(f"None of the {len(labelled)} images in {labelled.source} could be decoded.")
-    classifier = ZeroShotClassifier(model, labelled.classnames, templates)
+    classifier = ZeroShotClassifier(
+        model, labelled.classnames, templates, precision=encoder.settings.precision, encode=encoder.texts
+    )
     scores = classifier.logits(img.vectors)  # (N_ok, C)
     labels = labelled.labels[img.kept]  # (N_ok,)
     metrics = classification_metrics(scores, labels)
@@ -311,7 +310,9 @@ def evaluate_linear_probe(
     val_fraction: float = 0.2,
     seed: int = 0,
     l2_grid: Sequence[float] | None = None,
-    options: EncodeOptions | None = None,
+    settings: EncodeSettings | None = None,
+    precision: str | Precision | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Linear probe: logistic regression on frozen image vectors of ``train``, scored on ``test``.
 
@@ -328,7 +329,7 @@ def evaluate_linear_probe(
     if features not in FEATURE_KINDS:
         raise unknown_name("feature kind", features, list(FEATURE_KINDS))
     start = time.perf_counter()
-    encoder = _Encoder(model, options or EncodeOptions())
+    encoder = _Encoder(model, settings, precision, cache_dir)
     train_set = open_labelled(train, classnames_file, limit_per_class=limit_per_class)
     test_set = open_labelled(test, classnames_file, limit_per_class=limit_per_class)
     unknown = sorted(set(test_set.keys) - set(train_set.keys))
@@ -336,9 +337,9 @@ def evaluate_linear_probe(
         raise ClipcraftError(
             f"{len(unknown)} test class(es) are not in the training data {train_set.source}: {unknown[:5]}."
         )
-    project = features == "post"
-    tr = encoder.images(train_set.paths, project=project)
-    te = encoder.images(test_set.paths, project=project)
+    output = "embeddings" if features == "post" else "features"
+    tr = encoder.images(train_set.paths, output)
+    te = encoder.images(test_set.paths, output)
     for name, s, e in (("training", train_set, tr), ("test", test_set, te)):
         if e.vectors.shape[0] == 0:
             raise ClipcraftError(f"None of the {len(s)} {name} images in {s.source} could be decoded.")
@@ -437,7 +438,6 @@ __all__ = [
     "FEATURE_KINDS",
     "RETRIEVAL_KEYS",
     "TASKS",
-    "EncodeOptions",
     "LabelledImages",
     "evaluate_linear_probe",
     "evaluate_retrieval",

@@ -12,6 +12,7 @@ import numpy as np
 
 from clipcraft.errors import ClipcraftError
 from clipcraft.evaluation.metrics import classification_metrics, confusion_matrix, plot_confusion_matrix
+from clipcraft.precision import INFERENCE_DEFAULT, Precision
 
 __all__ = [
     "DEFAULT_LOGIT_SCALE",
@@ -185,7 +186,10 @@ class ZeroShotClassifier:
     ``model`` needs ``encode_texts(list[str], batch_size=..., normalize=True) -> (N, D)`` and, for
     :meth:`predict`, ``encode_images(images, batch_size=..., normalize=True) -> (N, D)``. ``model.logit_scale``,
     when present, holds the log of the softmax scale (a float or a torch scalar); the scale is its exp, else
-    :data:`DEFAULT_LOGIT_SCALE`. ``templates`` default to :data:`DEFAULT_TEMPLATES`.
+    :data:`DEFAULT_LOGIT_SCALE`. ``templates`` default to :data:`DEFAULT_TEMPLATES`. ``precision`` (fp32 by
+    default; ``bf16`` or ``auto`` on request) is used for the prompts and for the images of :meth:`predict`
+    alike, and passed to the model's ``encode_texts`` / ``encode_images``. ``encode``, when given, embeds the
+    prompts instead (P prompts -> (P, D)); the evaluation runner passes its cached encoder.
 
     Attributes: ``classnames`` (list), ``templates`` (list), ``weights`` (C, D) float32 unit rows,
     ``logit_scale`` (float, already exponentiated).
@@ -198,16 +202,20 @@ class ZeroShotClassifier:
         templates: Sequence[str] | None = None,
         *,
         batch_size: int = 256,
+        precision: str | Precision = INFERENCE_DEFAULT,
+        encode: Callable[[list[str]], np.ndarray] | None = None,
     ) -> None:
         self.model = model
+        self.precision = precision
         self.classnames = list(classnames)
         self.templates = list(DEFAULT_TEMPLATES if templates is None else templates)
         self.logit_scale = _logit_scale_of(model)
 
-        def encode(prompts: list[str]) -> np.ndarray:
-            return model.encode_texts(prompts, batch_size=batch_size, normalize=True)
+        def default_encode(prompts: list[str]) -> np.ndarray:
+            return model.encode_texts(prompts, batch_size=batch_size, normalize=True, precision=precision)
 
-        self.weights = build_classifier_weights(encode, self.classnames, self.templates)  # (C, D)
+        weights = build_classifier_weights(encode or default_encode, self.classnames, self.templates)
+        self.weights = weights  # (C, D)
 
     def logits(self, image_emb: np.ndarray) -> np.ndarray:
         """Scaled cosine similarities (N, C) float32 for image embeddings (N, D); rows are re-normalized."""
@@ -236,5 +244,7 @@ class ZeroShotClassifier:
 
         Returns the same as :meth:`predict_embeddings`: labels (N,) and probabilities (N, C) float32.
         """
-        image_emb = self.model.encode_images(list(images), batch_size=batch_size, normalize=True)  # (N, D)
+        image_emb = self.model.encode_images(
+            list(images), batch_size=batch_size, normalize=True, precision=self.precision
+        )  # (N, D), in the prompts' precision
         return self.predict_embeddings(image_emb)

@@ -37,7 +37,7 @@ from clipcraft.finetune.data import (
     read_classification_data,
 )
 from clipcraft.finetune.wise import best_alpha, interpolate_weights, sweep_alphas
-from clipcraft.precision import autocast, resolve_precision
+from clipcraft.precision import as_precision, autocast, resolve_precision
 from clipcraft.train.checkpoint import (
     CHECKPOINT_FILE,
     atomic_torch_save,
@@ -80,12 +80,11 @@ def evaluate_classifier(
     ``num_images`` scored and ``num_skipped`` (files that failed to decode). Raises :class:`ClipcraftError`
     when no image decodes.
     """
-    from clipcraft.evaluation.embeddings import encode_image_files
+    from clipcraft.encoding import EncodeSettings, encode_images
     from clipcraft.evaluation.metrics import classification_metrics
 
-    emb = encode_image_files(
-        classifier.model, images.paths, batch_size=batch_size, precision=precision, workers=workers
-    )
+    settings = EncodeSettings(precision=as_precision(precision), batch_size=batch_size, workers=workers)
+    emb = encode_images(classifier.model, images.paths, settings)
     if emb.vectors.shape[0] == 0:
         raise ClipcraftError(f"None of the {len(images)} images of {images.source} could be decoded.")
     logits = classifier.logits(emb.vectors).astype(np.float64)  # (N_ok, C)

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from clipcraft.errors import ClipcraftError
+from clipcraft.flags import add_encoding, device_of, print_help_and_fail
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
@@ -28,6 +29,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         precision=args.precision,
+        device=device_of(args.device),
         progress=not args.quiet,
     )
     print(json.dumps(report.to_dict()) if args.json else report.summary())
@@ -103,7 +105,7 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
         formatter_class=formatter_class,
     )
     index_sub = p.add_subparsers(dest="index_command", metavar="ACTION")
-    p.set_defaults(func=lambda _args: (p.print_help(), 0)[1])
+    p.set_defaults(func=lambda _args: print_help_and_fail(p))
     b = index_sub.add_parser(
         "build",
         help="embed every image under a folder and write (or update) an index",
@@ -127,13 +129,7 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     b.add_argument(
         "--target-recall", type=float, default=0.98, help="approximate: tune search effort to this recall@10"
     )
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument(
-        "--workers", type=int, default=None, help="image loader processes (default: half the CPUs)"
-    )
-    b.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 where fast"
-    )
+    add_encoding(b)
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_index_build)

@@ -2,7 +2,7 @@
 
 An index directory holds::
 
-    manifest.json            format, model identity, collection root, index settings, last build report
+    manifest.json            format, model identity, precision, collection root, index settings, build report
     files.json               the indexed files: relative path, size, mtime (row i <-> embeddings row i)
     embeddings.npy           (N, D) float32 unit image embeddings
     index.faiss              the FAISS index over them (exact, IVF or HNSW)
@@ -12,6 +12,10 @@ An index directory holds::
 A build writes the new directory beside the old one and renames it into place, so the index on disk is always
 complete. Embeddings computed so far are also saved, batch by batch, in ``.<name>.partial/`` beside the index,
 so an interrupted build continues where it stopped when it is run again.
+
+Precision: images and captions of one index are embedded in one precision (``fp32`` unless asked), recorded
+in the manifest and part of what makes embeddings reusable; queries are embedded in the index's precision.
+Indexes written before the precision was recorded are read as ``fp32``.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from clipcraft.data.folder import FileEntry, scan_images
+from clipcraft.digests import model_identity
+from clipcraft.encoding import with_settings
 from clipcraft.errors import ClipcraftError
 from clipcraft.images import ImageInput
+from clipcraft.precision import INFERENCE_DEFAULT, Precision, resolve_precision
 from clipcraft.search.ann import IndexConfig, build_faiss, import_faiss, set_search_params
-from clipcraft.search.collection import FileEntry, read_captions, scan_images
+from clipcraft.search.collection import read_captions
 
 __all__ = ["BuildReport", "CaptionResult", "Index", "IndexConfig", "SearchResult", "build_index"]
 
@@ -70,6 +78,7 @@ class BuildReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files, not indexed
     skipped_count: int = 0
     captions: int = 0
+    precision: str = "fp32"  # what images and captions were embedded in (queries use it too)
     index: dict[str, Any] = field(default_factory=dict)  # kind and tuned parameters
     seconds: float = 0.0
 
@@ -80,7 +89,7 @@ class BuildReport:
         lines = [
             f"Index {self.index_dir}: {self.total} images ({self.embedded} embedded, {self.reused} reused, "
             f"{self.removed} removed), {self.captions} captions, {self.index.get('kind', '?')} index, "
-            f"{self.seconds:.1f} s.",
+            f"{self.precision}, {self.seconds:.1f} s.",
         ]
         if self.skipped_count:
             lines.append(f"Skipped {self.skipped_count} unreadable file(s):")
@@ -111,11 +120,11 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def _load_model(model: Any) -> Any:
+def _load_model(model: Any, device: Any = "cpu") -> Any:
     if isinstance(model, (str, os.PathLike)):
         from clipcraft.model import load
 
-        net = load(model)
+        net = load(model, device=device)
         net.source_dir = str(Path(model).resolve())  # recorded in the index so searches can reload it
         return net
     return model
@@ -128,16 +137,16 @@ class _Partial:
     temporary name and renamed, so a crash never leaves a half-written batch behind.
     """
 
-    def __init__(self, out: Path, identity: str, root: str) -> None:
+    def __init__(self, out: Path, identity: str, root: str, precision: Precision) -> None:
         self.dir = out.parent / f".{out.name}.partial"
-        state = {"identity": identity, "root": root}
+        state = {"identity": identity, "root": root, "precision": precision.value}
         state_file = self.dir / "state.json"
         if self.dir.is_dir():
             try:
                 same = json.loads(state_file.read_text()) == state
             except (OSError, ValueError):
                 same = False
-            if not same:  # another model or folder: what was saved is no use
+            if not same:  # another model, folder or precision: what was saved is no use
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_json(state_file, state)
@@ -187,7 +196,8 @@ def build_index(
     config: IndexConfig | None = None,
     batch_size: int = 64,
     workers: int | None = None,
-    precision: str = "auto",
+    precision: str | Precision = INFERENCE_DEFAULT,
+    device: Any = "cpu",
     progress: bool = False,
 ) -> BuildReport:
     """Embed every image under ``images`` and write (or update) the index directory ``out``.
@@ -198,14 +208,16 @@ def build_index(
         captions: optional text file (one caption a line) or CSV (``caption`` column) for image->text search;
             without it the old index's captions are kept.
         config: how to index (exact below a size threshold, IVF or HNSW above; see :class:`IndexConfig`).
-        batch_size / workers / precision: the embedding loop (``workers`` loader processes; ``auto``
-            precision is bf16 where the hardware has it).
+        batch_size / workers: the embedding loop (``workers`` loader processes).
+        precision: ``fp32`` (default), ``bf16``, or ``auto`` (bf16 where the hardware has native bf16),
+            resolved here once for the images and the captions, and recorded in the manifest.
+        device: where a model given as a directory is loaded (a loaded model stays where it is).
 
-    Incremental: when ``out`` holds an index from the same model and folder, only files that are new or whose
-    size or mtime changed are embedded; files no longer on disk are dropped. Unreadable files are skipped and
+    Incremental: when ``out`` holds an index from the same model, folder and precision, only files that are
+    new or whose size or mtime changed are embedded; files no longer on disk are dropped. Unreadable files are skipped and
     listed in the report. Raises :class:`ClipcraftError` when ``out`` was built by a different model.
     """
-    from clipcraft.search import embed as embed_mod
+    from clipcraft.encoding import EncodeSettings, encode_texts, iter_images
 
     start = time.perf_counter()
     config = config or IndexConfig()
@@ -213,27 +225,32 @@ def build_index(
     root = Path(images).resolve()
     entries = scan_images(root)
     caption_list = read_captions(captions) if captions is not None else None
-    net = _load_model(model)
-    identity = embed_mod.model_identity(net)
-    report = BuildReport(index_dir=str(target))
+    net = _load_model(model, device)
+    identity = model_identity(net)
+    settings = EncodeSettings(
+        precision=resolve_precision(precision, net.device), batch_size=batch_size, workers=workers
+    )
+    report = BuildReport(index_dir=str(target), precision=settings.precision.value)
 
-    # What can be reused: the previous index (same model and folder), then an interrupted run's batches.
+    # What can be reused: the previous index (same model, folder and precision), then an interrupted run's
+    # batches. The reuse key is (model, folder, precision) + each file's (path, size, mtime).
     known: dict[tuple[str, int, int], np.ndarray] = {}
     old_captions: tuple[list[str], np.ndarray] | None = None
     old_keys: set[tuple[str, int, int]] = set()
     if (target / MANIFEST).is_file():
         old = Index.load(target, model=net, identity=identity)
-        old_captions = (old.captions, old.caption_embeddings) if old.captions else None
-        if old.root == str(root):
-            for e, row in zip(old.files, old.embeddings, strict=True):
-                known[(e.path, e.size, e.mtime_ns)] = row
-            old_keys = set(known)
-    partial = _Partial(target, identity, str(root))
+        if old.precision is settings.precision:
+            old_captions = (old.captions, old.caption_embeddings) if old.captions else None
+            if old.root == str(root):
+                for e, row in zip(old.files, old.embeddings, strict=True):
+                    known[(e.path, e.size, e.mtime_ns)] = row
+        old_keys = {(e.path, e.size, e.mtime_ns) for e in old.files} if old.root == str(root) else set()
+    partial = _Partial(target, identity, str(root), settings.precision)
     known.update(partial.load())
 
     todo = [e for e in entries if (e.path, e.size, e.mtime_ns) not in known]
     current = {(e.path, e.size, e.mtime_ns) for e in entries}
-    report.removed = len(old_keys - current)
+    report.removed = len(old_keys - current)  # gone, renamed or changed on disk
     report.reused = len(entries) - len(todo)
 
     new: dict[tuple[str, int, int], np.ndarray] = {}
@@ -243,15 +260,13 @@ def build_index(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="embedding images", unit="img")
-    for batch in embed_mod.iter_embeddings(
-        net, [str(root / e.path) for e in todo], batch_size=batch_size, workers=workers, precision=precision
-    ):
+    for batch in iter_images(net, [str(root / e.path) for e in todo], settings):
         done = [todo[p] for p in batch.positions]
-        partial.save(done, batch.embeddings)
-        for e, row in zip(done, batch.embeddings, strict=True):
+        partial.save(done, batch.vectors)
+        for e, row in zip(done, batch.vectors, strict=True):
             new[(e.path, e.size, e.mtime_ns)] = row
-        for p, reason in batch.failed.items():
-            skipped[todo[p].path] = reason
+        for bad in batch.failed:
+            skipped[todo[bad.index].path] = bad.reason
         if bar is not None:
             bar.update(len(batch.positions) + len(batch.failed))
     if bar is not None:
@@ -270,10 +285,8 @@ def build_index(
         if old_captions is not None and old_captions[0] == caption_list:
             caption_rows = old_captions
         else:
-            caption_rows = (
-                caption_list,
-                net.encode_texts(caption_list, batch_size=256, normalize=True, progress=progress),
-            )
+            text_settings = with_settings(settings, progress=progress)
+            caption_rows = (caption_list, encode_texts(net, caption_list, text_settings).vectors)
     index, info = build_faiss(vectors.astype(np.float32), config)
 
     report.total = len(kept)
@@ -317,6 +330,7 @@ def _write_index_dir(
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,
         "model_identity": identity,
+        "precision": report.precision,
         "model_dir": str(Path(source).resolve()) if source else None,
         "model_config": model.config.to_dict(),
         "embed_dim": int(model.embed_dim),
@@ -368,6 +382,11 @@ class Index:
     @property
     def identity(self) -> str:
         return str(self.manifest["model_identity"])
+
+    @property
+    def precision(self) -> Precision:
+        """What the index's images and captions were embedded in; queries are embedded in it too."""
+        return Precision(self.manifest.get("precision", "fp32"))
 
     @property
     def paths(self) -> list[str]:
@@ -433,8 +452,6 @@ class Index:
 
     def set_model(self, model: Any, *, identity: str | None = None) -> None:
         """Use ``model`` (directory or loaded model) for queries; it must be the one that built the index."""
-        from clipcraft.search.embed import model_identity
-
         net = _load_model(model)
         got = identity or model_identity(net)
         if got != self.identity:
@@ -488,10 +505,10 @@ class Index:
     def embed_text(self, text: str) -> np.ndarray:
         if not isinstance(text, str) or not text.strip():
             raise ClipcraftError("The text query is empty.")
-        return self.model.encode_texts([text], normalize=True)  # (1, D)
+        return self.model.encode_texts([text], precision=self.precision)  # (1, D), the index's precision
 
     def embed_image(self, image: ImageInput) -> np.ndarray:
-        return self.model.encode_images([image], batch_size=1, normalize=True)  # (1, D)
+        return self.model.encode_images([image], batch_size=1, precision=self.precision)  # (1, D)
 
     def search_text(self, text: str, k: int = 10) -> list[SearchResult]:
         """Text -> the ``k`` most similar indexed images as ``(path, score)``, best first."""

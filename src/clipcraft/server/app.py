@@ -160,7 +160,7 @@ def create_app(
         if len(text) > limits.max_query_chars:
             raise _bad(422, f"The query is longer than {limits.max_query_chars} characters.")
         with lock:
-            query = net.encode_texts([text], normalize=True)  # (1, D)
+            query = idx.embed_text(text)  # (1, D), in the index's precision
         scores, ids = idx.search_vectors(query, k)
         return {"query": text, "results": image_rows(scores[0], ids[0])}
 
@@ -178,7 +178,7 @@ def create_app(
             raise _bad(400, "This index has no captions; build it with --captions FILE.")
         image = _read_upload(file, limits)
         with lock:
-            query = net.encode_images([image], batch_size=1, normalize=True)  # (1, D)
+            query = idx.embed_image(image)  # (1, D), in the index's precision
         if target == "captions":
             from clipcraft.search.ann import exact_search
 

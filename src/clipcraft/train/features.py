@@ -15,58 +15,23 @@ import torch
 
 from clipcraft.data import BadItem, CaptionDataset
 from clipcraft.digests import files_digest, json_digest, weights_digest
-from clipcraft.encoding import EncodedFiles, EncodeSettings, encode_files
+from clipcraft.encoding import EncodeSettings, encode_images, encode_texts
 from clipcraft.model import ClipModel
-
-
-def image_features(
-    model: ClipModel,
-    dataset: CaptionDataset,
-    *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray, list[BadItem]]:
-    """Image tower features of every image (eval transform), in dataset order.
-
-    Returns ``(features (N, F) float32, ok (N,) bool, bad items)``; rows of images that failed to load are
-    zero and ``ok`` is False for them. Leaves the global RNG and the model's train/eval mode as they were.
-    """
-    settings = EncodeSettings(project=False, batch_size=batch_size, workers=num_workers, precision=precision)
-    result = encode_dataset_images(model, dataset, settings, progress=progress)
-    return result.vectors, result.ok, result.failed
-
-
-def encode_dataset_images(
-    model: ClipModel, dataset: CaptionDataset, settings: EncodeSettings, *, progress: bool = False
-) -> EncodedFiles:
-    """:func:`clipcraft.encoding.encode_files` over the dataset's images, in record order (bad images are
-    :class:`BadItem` s whose ``index`` is the record index)."""
-    return encode_files(model, [record.image for record in dataset.records], settings, progress=progress)
-
-
-def text_features(
-    model: ClipModel, captions: list[str], *, batch_size: int = 256, precision: str = "fp32"
-) -> np.ndarray:
-    """(N, F) float32 text tower features of ``captions``, in order."""
-    return model.encode_texts(
-        captions, batch_size=batch_size, normalize=False, project=False, precision=precision
-    )
-
+from clipcraft.precision import Precision
 
 # -- the cache ----------------------------------------------------------------------------------------------
 
 
-def cache_key(model: ClipModel, dataset: CaptionDataset, tower: str, precision: str) -> str:
-    """Changes when the tower's weights, its preprocessing or settings, the data files or precision change."""
+def cache_key(model: ClipModel, dataset: CaptionDataset, tower: str, settings: EncodeSettings) -> str:
+    """Changes when the tower's weights, its preprocessing or settings, the data files or the encoding's
+    :meth:`~clipcraft.encoding.EncodeSettings.key` (output kind, precision) change."""
     if tower == "image":
-        settings = {"tower": model.config.image.name, "preprocess": model.config.image.preprocess}
+        tower_settings = {"tower": model.config.image.name, "preprocess": model.config.image.preprocess}
         module: torch.nn.Module = model.image_tower
         data = files_digest([record.image for record in dataset.records])
     else:
         text = model.config.text
-        settings = {
+        tower_settings = {
             "tower": text.name,
             "pooling": text.pooling,
             "max_length": text.max_length,
@@ -75,7 +40,12 @@ def cache_key(model: ClipModel, dataset: CaptionDataset, tower: str, precision: 
         }
         module = model.text_tower
         data = json_digest([r.captions for r in dataset.records])
-    parts = {"settings": settings, "precision": precision, "data": data, "weights": weights_digest(module)}
+    parts = {
+        "tower_settings": tower_settings,
+        **settings.key(),
+        "data": data,
+        "weights": weights_digest(module),
+    }
     return json_digest(parts)[:24]
 
 
@@ -116,30 +86,34 @@ def build_or_load_cache(
     *,
     batch_size: int,
     num_workers: int,
-    precision: str,
+    precision: Precision,
     progress: bool,
 ) -> tuple[FeatureCache, list[BadItem], bool]:
-    """The cache for ``tower`` ("image" or "text"), computed and written (atomically) when missing.
+    """The cache for ``tower`` ("image" or "text"), computed by :mod:`clipcraft.encoding` (tower features,
+    in ``precision``) and written atomically when missing; bad images are :class:`BadItem` s whose ``index``
+    is the record index.
 
     Returns ``(cache, bad items met while building, whether it was loaded from disk)``.
     """
-    folder = Path(cache_dir) / f"{tower}-{cache_key(model, dataset, tower, precision)}"
+    settings = EncodeSettings(
+        output="features",
+        precision=precision,
+        batch_size=batch_size,
+        text_batch_size=batch_size * 4,
+        workers=num_workers,
+        progress=progress,
+    )
+    folder = Path(cache_dir) / f"{tower}-{cache_key(model, dataset, tower, settings)}"
     if (folder / "meta.json").is_file():
         return _open(folder), [], True
     bad: list[BadItem] = []
     if tower == "image":
-        feats, ok, bad = image_features(
-            model,
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            precision=precision,
-            progress=progress,
-        )
+        encoded = encode_images(model, [record.image for record in dataset.records], settings)
+        feats, ok, bad = encoded.dense(), encoded.ok, encoded.failed
         offsets = None
     else:
         captions = [c for r in dataset.records for c in r.captions]
-        feats = text_features(model, captions, batch_size=batch_size, precision=precision)
+        feats = encode_texts(model, captions, settings).vectors
         ok = np.ones(len(captions), dtype=bool)
         offsets = np.concatenate([[0], np.cumsum([len(r.captions) for r in dataset.records])[:-1]]).astype(
             np.int64

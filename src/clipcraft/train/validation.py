@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from clipcraft.data import BadItem, CaptionDataset
-from clipcraft.encoding import EncodeSettings
+from clipcraft.encoding import EncodeSettings, embed_features, encode_images, encode_texts, with_settings
 from clipcraft.evaluation.retrieval import retrieval_metrics
 from clipcraft.losses import clip_loss, siglip_loss
 from clipcraft.model import ClipModel
-from clipcraft.train.features import encode_dataset_images
+from clipcraft.precision import Precision
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -38,7 +38,7 @@ def embed_split(
     *,
     batch_size: int,
     num_workers: int,
-    precision: str,
+    precision: Precision,
     text_memo: dict[str, np.ndarray] | None = None,
 ) -> RetrievalEmbeddings:
     """Embeddings of every good image of ``dataset`` and all of its captions.
@@ -46,9 +46,11 @@ def embed_split(
     ``text_memo``, when given and the text tower is fully locked, keeps the captions' tower features between
     calls (the tower cannot change), so validating every epoch runs the text tower once.
     """
-    settings = EncodeSettings(batch_size=batch_size, workers=num_workers, precision=precision)
-    images = encode_dataset_images(model, dataset, settings)
-    good = np.flatnonzero(images.ok)
+    settings = EncodeSettings(
+        precision=precision, batch_size=batch_size, text_batch_size=batch_size * 4, workers=num_workers
+    )
+    images = encode_images(model, [record.image for record in dataset.records], settings)
+    good = images.kept
     captions: list[str] = []
     text_to_image: list[int] = []
     for new_index, i in enumerate(good):
@@ -58,16 +60,13 @@ def embed_split(
     if text_memo is not None and model.text_tower.fully_locked:
         key = f"{id(dataset)}:{len(captions)}"
         if key not in text_memo:
-            text_memo[key] = model.encode_texts(
-                captions, batch_size=batch_size * 4, normalize=False, project=False, precision=precision
-            )
-        with model.inference(precision):
-            projected = model.embed_text_features(torch.from_numpy(text_memo[key]).to(model.device))
-        text_emb = projected.float().cpu().numpy()
+            features = with_settings(settings, output="features")
+            text_memo[key] = encode_texts(model, captions, features).vectors
+        text_emb = embed_features(model, text_memo[key], "text", precision)
     else:
-        text_emb = model.encode_texts(captions, batch_size=batch_size * 4, precision=precision)
+        text_emb = encode_texts(model, captions, settings).vectors
     return RetrievalEmbeddings(
-        images=images.vectors[good],
+        images=images.vectors,
         texts=text_emb,
         text_to_image=np.asarray(text_to_image, dtype=np.int64),
         captions=captions,
@@ -85,7 +84,7 @@ def validate_model(
     loss_batch: int,
     batch_size: int,
     num_workers: int,
-    precision: str,
+    precision: Precision,
     text_memo: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], RetrievalEmbeddings]:
     """Retrieval metrics, their mean recall, and the validation loss (each image with its first caption, in
