@@ -46,3 +46,19 @@ def test_autocast_is_bf16_only_when_asked() -> None:
         assert torch.is_autocast_enabled("cpu")
     with autocast("cpu", Precision.FP32):
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize(
+    ("caps", "native"),
+    [
+        ({"avx2": True, "avx512_bf16": False, "amx_bf16": False}, False),  # e.g. the AVX2-only EPYC
+        ({"avx2": True, "avx512_bf16": True}, True),
+        ({"avx2": True, "amx_bf16": True, "amx_tile": True}, True),
+        ({"architecture": "arm64", "bf16": True}, True),
+    ],
+)
+def test_the_probe_reads_torchs_public_cpu_capabilities(monkeypatch, caps: dict, native: bool) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert precision_module.cpu_has_native_bf16.__wrapped__() is native

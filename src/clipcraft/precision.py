@@ -39,17 +39,22 @@ class Precision(str, enum.Enum):
         return self.value
 
 
+# CPU features that mean bf16 matrix products run natively (x86: AVX512-BF16, AMX; Arm: the BF16 extension).
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
-
-    torch has no public API for this (``torch.backends.cpu.get_cpu_capability()`` names the vector ISA, not
-    its bf16 extensions), so this asks the same private probes oneDNN dispatch relies on. Tests patch this
-    function, never the host.
-    """
+    """Whether this CPU multiplies bf16 matrices in hardware (:data:`NATIVE_BF16_FEATURES`), from torch's
+    public ``torch.cpu.get_capabilities()``; older torch without it: its private probes. Tests patch this
+    function, never the host."""
     import torch
 
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        caps = get()
+        return any(bool(caps.get(name, False)) for name in NATIVE_BF16_FEATURES)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch < 2.10
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
