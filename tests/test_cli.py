@@ -56,3 +56,37 @@ def test_demo_smoke_run_learns_and_reloads(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bit-identical: True" in out
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_embed_skips_a_bad_file_reports_it_and_keeps_the_rest(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clipcraft import create_model
+
+    torch.manual_seed(0)
+    create_model("tiny").save(tmp_path / "model")
+    good = [tmp_path / f"{i}.png" for i in range(2)]
+    for i, p in enumerate(good):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(p)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "emb.npy"
+    argv = [
+        "embed",
+        "--model",
+        str(tmp_path / "model"),
+        str(good[0]),
+        str(bad),
+        str(good[1]),
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 1  # something was skipped
+    captured = capsys.readouterr()
+    assert f"skipped {bad}" in captured.err
+    assert np.load(out).shape == (2, 16)
+    kept = (tmp_path / "emb.paths.txt").read_text().splitlines()
+    assert kept == [str(good[0]), str(good[1])]
+    assert build_parser().parse_args(["classify", "--model", "m", "-k", "2", "x.png"]).top_k == 2

@@ -80,3 +80,21 @@ def test_search_errors_speak_to_the_user(built, tmp_path, capsys):
     assert main(["search", str(tmp_path), "--text", "x", "--image", "y.png"]) == 2
     assert "one query" in capsys.readouterr().err
     assert main(["search", str(tmp_path), "--text", "x", "-k", "0"]) == 2
+
+
+def test_grid_is_capped_and_says_so_and_k_has_a_long_name(built, tmp_path, capsys, monkeypatch):
+    from clipcraft.search import sheet
+
+    monkeypatch.setattr(sheet, "MAX_SHEET_RESULTS", 3)
+    index = built / "index"
+    if not index.is_dir():
+        assert main(["index", "build", "--model", str(built / "model"), "--images", str(built / "images"), "--out", str(index), "--quiet"]) == 0  # fmt: skip
+    grid = tmp_path / "new" / "folder" / "g.png"
+    assert main(["search", str(index), "--text", "a dog", "--top-k", "6", "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 6  # the table: all 6
+    assert "the sheet shows the first 3 of 6 results" in out
+    assert f"created {grid.parent}" in out
+    with Image.open(grid) as img:
+        cols, rows = 4, 1  # query + 3 results, one row
+        assert img.width <= cols * 250 and img.height <= rows * 300

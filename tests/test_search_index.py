@@ -169,7 +169,9 @@ def test_incremental_build_embeds_only_changes(model_dir, folder, tmp_path, monk
     monkeypatch.setattr(encoding, "encode_pixels", counter)
     report = build(model_dir, folder, tmp_path / "idx")
     assert counter.images == 3  # two new + one modified; the corrupt files fail in the loader
-    assert (report.embedded, report.removed, report.total) == (3, 2, 11)  # removed: deleted + old version
+    # removed: gone from disk; changed: still there with another size or mtime (re-embedded)
+    assert (report.embedded, report.removed, report.changed, report.total) == (3, 1, 1, 11)
+    assert "1 removed, 1 changed" in report.summary()
     index = Index.load(tmp_path / "idx")
     names = [f.path for f in index.files]
     assert "img05.png" not in names and "new1.png" in names and "sub/new2.png" in names
@@ -235,3 +237,18 @@ def test_lazy_package_import_is_light():
     code = "import sys, clipcraft.search, clipcraft.search.commands; print(sorted(m for m in ('torch', 'faiss', 'fastapi') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_hidden_files_are_listed_and_an_empty_folder_is_an_error(model_dir, folder, tmp_path):
+    (folder / ".secret.png").write_bytes((folder / "img01.png").read_bytes())
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "thumb.png").write_bytes((folder / "img01.png").read_bytes())
+    report = build(model_dir, folder, tmp_path / "idx")
+    assert report.hidden == [".cache", ".secret.png"] and report.hidden_count == 2
+    assert "2 hidden file(s) or folder(s) skipped" in report.summary()
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no pictures here")
+    with pytest.raises(ClipcraftError, match=r"No image files under .*empty"):
+        build(model_dir, empty, tmp_path / "idx2")
+    assert not (tmp_path / "idx2").exists()

@@ -76,18 +76,30 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     device = device_of(args.device)
     precision = precision_of(args, device)
     model = load_model_arg(args.model, device)
+    failed = []
+    kept = list(args.texts)
     if args.images:
-        vectors = model.encode_images(
-            args.images, batch_size=args.batch_size, precision=precision, progress=True
+        from clipcraft.encoding import EncodeSettings, encode_images
+
+        settings = EncodeSettings(
+            precision=precision, batch_size=args.batch_size, workers=args.workers, progress=True
         )
+        encoded = encode_images(model, args.images, settings)  # bad files are skipped and reported
+        vectors, failed = encoded.vectors, encoded.failed
+        kept = [args.images[i] for i in encoded.kept]
+        for bad in failed:
+            print(f"clipcraft: skipped {bad.where}: {bad.reason}", file=sys.stderr)
     else:
         vectors = model.encode_texts(args.texts, batch_size=args.batch_size, precision=precision)
     if args.out:
-        np.save(args.out, vectors)
-        print(f"Wrote {vectors.shape} float32 embeddings ({precision}) to {args.out}")
+        out = Path(args.out)
+        np.save(out, vectors)
+        rows = out.with_suffix(".paths.txt" if args.images else ".texts.txt")
+        rows.write_text("".join(f"{item}\n" for item in kept))
+        print(f"Wrote {vectors.shape} float32 embeddings ({precision}) to {out}, row names to {rows}")
     else:
         np.savetxt(sys.stdout, vectors, fmt="%.6f")
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
@@ -225,13 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         "embed",
         help="embed images or captions with a saved model",
         epilog="Examples:\n  clipcraft embed --model M photo1.jpg photo2.png --out emb.npy\n"
-        '  clipcraft embed --model M --text "a dog" --text "a cat"',
+        '  clipcraft embed --model M --text "a dog" --text "a cat"\n\n'
+        "Images that cannot be read are skipped and named on stderr (exit code 1); with --out, the row names\n"
+        "(image paths or texts, one a line) go to <out>.paths.txt or <out>.texts.txt beside the .npy file.",
         formatter_class=_Formatter,
     )
     p.add_argument("--model", required=True, help="saved model directory")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--text", dest="texts", action="append", default=[], help="a caption (repeatable)")
-    p.add_argument("--out", default=None, help=".npy file to write (default: print)")
+    p.add_argument("--out", default=None, help=".npy file to write; default: print the vectors")
     add_encoding(p, batch_size=32)
     p.set_defaults(func=_cmd_embed)
 
@@ -270,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--templates", default=None, help="prompt templates file, one per line with {}")
-    p.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
+    p.add_argument(
+        "-k", "--top-k", dest="top_k", type=int, default=1, help="how many classes to show per image"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     add_encoding(p)
     p.set_defaults(func=_cmd_classify)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from clipcraft.errors import ClipcraftError
@@ -75,12 +76,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.grid:
         if args.captions:
             raise ClipcraftError("--grid draws image results; it cannot be combined with --captions.")
-        from clipcraft.search.sheet import result_sheet
+        from pathlib import Path
+
+        from clipcraft.search import sheet
 
         query = args.text if args.text is not None else args.image
-        path = result_sheet(query, hits, args.grid, query_is_text=args.text is not None)
-        if not args.json:
-            print(f"Wrote {path}")
+        target = Path(args.grid)
+        notes = []
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True)
+            notes.append(f"created {target.parent}")
+        if len(hits) > sheet.MAX_SHEET_RESULTS:
+            notes.append(f"the sheet shows the first {sheet.MAX_SHEET_RESULTS} of {len(hits)} results")
+        path = sheet.result_sheet(query, hits, target, query_is_text=args.text is not None)
+        message = f"Wrote {path}" + (f" ({'; '.join(notes)})" if notes else "")
+        print(message, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -147,7 +157,7 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     s.add_argument("index", help="index directory (from `clipcraft index build`)")
     s.add_argument("--text", default=None, help="text query")
     s.add_argument("--image", default=None, help="image query (a file)")
-    s.add_argument("-k", type=int, default=10, help="number of results")
+    s.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results")
     s.add_argument("--captions", action="store_true", help="image->text: rank the index's captions")
     s.add_argument("--json", action="store_true", help="JSON lines: rank, score, path (or caption)")
     s.add_argument("--grid", default=None, help="also write a PNG sheet of the query and its results")

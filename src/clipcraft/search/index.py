@@ -30,11 +30,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from clipcraft.data.folder import FileEntry, scan_images
+from clipcraft.data.folder import FileEntry, scan_folder
 from clipcraft.digests import model_identity
 from clipcraft.encoding import with_settings
 from clipcraft.errors import ClipcraftError
-from clipcraft.images import ImageInput
+from clipcraft.images import IMAGE_EXTENSIONS, ImageInput
 from clipcraft.precision import INFERENCE_DEFAULT, Precision, resolve_precision
 from clipcraft.search.ann import IndexConfig, build_faiss, import_faiss, set_search_params
 from clipcraft.search.collection import read_captions
@@ -74,9 +74,14 @@ class BuildReport:
     total: int = 0  # images in the index after the build
     embedded: int = 0  # embedded in this run
     reused: int = 0  # unchanged files whose embeddings were kept (from the old index or an interrupted run)
-    removed: int = 0  # files in the old index that are gone or changed on disk
+    removed: int = 0  # files in the old index that are no longer on disk (deleted, renamed or moved)
+    changed: int = 0  # files still on disk whose size or modification time changed (re-embedded)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files, not indexed
     skipped_count: int = 0
+    hidden: list[str] = field(
+        default_factory=list
+    )  # hidden files and folders skipped (names starting with ".")
+    hidden_count: int = 0
     captions: int = 0
     precision: str = "fp32"  # what images and captions were embedded in (queries use it too)
     index: dict[str, Any] = field(default_factory=dict)  # kind and tuned parameters
@@ -88,7 +93,8 @@ class BuildReport:
     def summary(self) -> str:
         lines = [
             f"Index {self.index_dir}: {self.total} images ({self.embedded} embedded, {self.reused} reused, "
-            f"{self.removed} removed), {self.captions} captions, {self.index.get('kind', '?')} index, "
+            f"{self.removed} removed, {self.changed} changed), {self.captions} captions, "
+            f"{self.index.get('kind', '?')} index, "
             f"{self.precision}, {self.seconds:.1f} s.",
         ]
         if self.skipped_count:
@@ -96,6 +102,11 @@ class BuildReport:
             lines += [f"  {p}: {reason}" for p, reason in self.skipped[:20]]
             if self.skipped_count > 20:
                 lines.append(f"  ... and {self.skipped_count - 20} more (see {MANIFEST}).")
+        if self.hidden_count:
+            shown = ", ".join(self.hidden[:5]) + (" ..." if self.hidden_count > 5 else "")
+            lines.append(
+                f"{self.hidden_count} hidden file(s) or folder(s) skipped (names starting with '.'): {shown}"
+            )
         return "\n".join(lines)
 
 
@@ -204,7 +215,7 @@ def build_index(
 
     Args:
         model: a saved model directory or a loaded :class:`~clipcraft.model.ClipModel`.
-        images: folder walked recursively for image files (see :func:`~clipcraft.search.collection.scan_images`).
+        images: folder walked recursively for image files (see :func:`~clipcraft.data.folder.scan_folder`).
         captions: optional text file (one caption a line) or CSV (``caption`` column) for image->text search;
             without it the old index's captions are kept.
         config: how to index (exact below a size threshold, IVF or HNSW above; see :class:`IndexConfig`).
@@ -223,20 +234,32 @@ def build_index(
     config = config or IndexConfig()
     target = Path(out)
     root = Path(images).resolve()
-    entries = scan_images(root)
+    scan = scan_folder(root)
+    entries = scan.entries
+    if not entries:
+        raise ClipcraftError(
+            f"No image files under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case"
+            + (f"; {len(scan.hidden)} hidden file(s) or folder(s) skipped" if scan.hidden else "")
+            + "). Nothing was written."
+        )
     caption_list = read_captions(captions) if captions is not None else None
     net = _load_model(model, device)
     identity = model_identity(net)
     settings = EncodeSettings(
         precision=resolve_precision(precision, net.device), batch_size=batch_size, workers=workers
     )
-    report = BuildReport(index_dir=str(target), precision=settings.precision.value)
+    report = BuildReport(
+        index_dir=str(target),
+        precision=settings.precision.value,
+        hidden=scan.hidden[:MAX_SKIPPED_LISTED],
+        hidden_count=len(scan.hidden),
+    )
 
     # What can be reused: the previous index (same model, folder and precision), then an interrupted run's
     # batches. The reuse key is (model, folder, precision) + each file's (path, size, mtime).
     known: dict[tuple[str, int, int], np.ndarray] = {}
     old_captions: tuple[list[str], np.ndarray] | None = None
-    old_keys: set[tuple[str, int, int]] = set()
+    old_files: dict[str, tuple[int, int]] = {}
     if (target / MANIFEST).is_file():
         old = Index.load(target, model=net, identity=identity)
         if old.precision is settings.precision:
@@ -244,13 +267,14 @@ def build_index(
             if old.root == str(root):
                 for e, row in zip(old.files, old.embeddings, strict=True):
                     known[(e.path, e.size, e.mtime_ns)] = row
-        old_keys = {(e.path, e.size, e.mtime_ns) for e in old.files} if old.root == str(root) else set()
+        old_files = {e.path: (e.size, e.mtime_ns) for e in old.files} if old.root == str(root) else {}
     partial = _Partial(target, identity, str(root), settings.precision)
     known.update(partial.load())
 
     todo = [e for e in entries if (e.path, e.size, e.mtime_ns) not in known]
-    current = {(e.path, e.size, e.mtime_ns) for e in entries}
-    report.removed = len(old_keys - current)  # gone, renamed or changed on disk
+    on_disk = {e.path: (e.size, e.mtime_ns) for e in entries}
+    report.removed = sum(path not in on_disk for path in old_files)
+    report.changed = sum(path in on_disk and on_disk[path] != stamp for path, stamp in old_files.items())
     report.reused = len(entries) - len(todo)
 
     new: dict[tuple[str, int, int], np.ndarray] = {}

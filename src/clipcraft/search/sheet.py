@@ -11,6 +11,11 @@ from pathlib import Path
 from clipcraft.errors import ClipcraftError, ImageLoadError
 from clipcraft.images import ImageInput, load_image
 
+# A sheet draws at most this many results (as thumbnails): 100 cells of 2.2 inches at 100 dpi is a
+# 1,100 x 5,000 pixel PNG; more is neither viewable nor quick to draw.
+MAX_SHEET_RESULTS = 100
+THUMB_PIXELS = 200  # longest side of each result's thumbnail
+
 
 def result_sheet(
     query: str | ImageInput,
@@ -24,9 +29,12 @@ def result_sheet(
     """Draw the query and its ranked ``(path, score)`` results on a grid and save it as PNG.
 
     The query fills the first cell (its text, wrapped, or its image); results follow in rank order, titled
-    ``#rank  score``. Unreadable result files get an empty cell saying so. Needs matplotlib (imported here);
-    a missing install raises :class:`ClipcraftError` naming ``pip install matplotlib``. Returns the path.
+    ``#rank  score``, as thumbnails; at most :data:`MAX_SHEET_RESULTS` of them (the caller says so when it
+    passes more). Unreadable result files get an empty cell saying so. The parent folder must exist (the
+    command line creates it and says so). Needs matplotlib (imported here); a missing install raises
+    :class:`ClipcraftError` naming ``pip install matplotlib``. Returns the path.
     """
+    results = list(results)[:MAX_SHEET_RESULTS]
     try:
         from matplotlib.figure import Figure  # the Figure API leaves pyplot's global state alone
     except ImportError:
@@ -52,17 +60,27 @@ def result_sheet(
         )
         axes[0].set_title("query (text)", fontsize=9, fontweight="bold")
     else:
-        axes[0].imshow(load_image(query))  # type: ignore[arg-type]
+        axes[0].imshow(_thumbnail(query))
         axes[0].set_title("query (image)", fontsize=9, fontweight="bold")
     for rank, (path, score) in enumerate(results, start=1):
         ax = axes[rank]
         try:
-            ax.imshow(load_image(path))
+            ax.imshow(_thumbnail(path))
         except ImageLoadError:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=9)
         ax.set_title(f"#{rank}  {score:.3f}\n{Path(path).name[:28]}", fontsize=8)
     fig.tight_layout()
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():
+        raise ClipcraftError(
+            f"The folder {target.parent} does not exist; create it or choose another --grid path."
+        )
     fig.savefig(target, format="png")
     return target
+
+
+def _thumbnail(image: ImageInput) -> object:
+    """The image shrunk to :data:`THUMB_PIXELS` on its longest side (a sheet cell is that size anyway)."""
+    picture = load_image(image)
+    picture.thumbnail((THUMB_PIXELS, THUMB_PIXELS))
+    return picture
