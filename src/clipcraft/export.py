@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcraft import __version__
 from clipcraft.errors import ClipcraftError
+from clipcraft.version import __version__
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

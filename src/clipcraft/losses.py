@@ -20,19 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipcraft.data.ranks import rank_and_world_size
+from clipcraft.distributed import gather_with_grad, rank_and_world_size
 
 if TYPE_CHECKING:
     from clipcraft.model import ClipOutput
 
 LOSS_NAMES = ("clip", "siglip")
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather (B, D) from every rank into (N*B, D), in rank order, keeping the autograd graph."""
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def _columns(image_emb: Tensor, text_emb: Tensor, distributed: bool) -> tuple[Tensor, Tensor, int]:

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clipcraft import __version__
 from clipcraft.config import ModelConfig
 from clipcraft.errors import CheckpointError, ClipcraftError, PretrainedWeightsError
 from clipcraft.heads import build_head
 from clipcraft.images import ImageInput, load_image
 from clipcraft.precision import autocast, resolve_precision
 from clipcraft.towers import ImageTower, TextTower, load_tokenizer
+from clipcraft.version import __version__
 
 FORMAT_NAME = "clipcraft"
 FORMAT_VERSION = 1
