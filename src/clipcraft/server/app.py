@@ -8,7 +8,6 @@ The model is loaded once, when the app is created.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -23,6 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 
 from clipcraft.errors import ClipcraftError
+from clipcraft.images import TOO_LARGE, BadImageError, decode_image
 from clipcraft.search.index import Index
 from clipcraft.server.limits import Limits
 from clipcraft.server.page import PAGE
@@ -39,8 +39,6 @@ def _bad(status: int, message: str) -> HTTPException:
 
 def _read_upload(upload: UploadFile, limits: Limits) -> Image.Image:
     """Check an uploaded file's type and size and decode it to an RGB image, or raise a 4xx."""
-    from clipcraft.images import to_rgb
-
     ctype = (upload.content_type or "").split(";")[0].strip().lower()
     if ctype not in limits.upload_types:
         raise _bad(
@@ -52,14 +50,12 @@ def _read_upload(upload: UploadFile, limits: Limits) -> Image.Image:
     if not data:
         raise _bad(400, "The uploaded file is empty.")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            if opened.width * opened.height > limits.max_upload_pixels:
-                raise _bad(413, f"The image has more than {limits.max_upload_pixels:,} pixels.")
-            opened.load()
-            return to_rgb(opened).copy()
-    except HTTPException:
-        raise
-    except Exception:  # any decoder failure means "not an image we can read"
+        return decode_image(data, "upload", max_pixels=limits.max_upload_pixels)
+    except BadImageError as exc:
+        if exc.kind == TOO_LARGE:
+            raise _bad(413, f"The image has more than {limits.max_upload_pixels:,} pixels.") from None
+        raise _bad(400, "The uploaded file is not a readable image.") from None
+    except Exception:  # a hostile file can make a decoder fail in other ways: still "not readable"
         raise _bad(400, "The uploaded file is not a readable image.") from None
 
 
