@@ -21,7 +21,6 @@ from clipcraft.templates import (
 
 __all__ = [
     "DEFAULT_LOGIT_SCALE",
-    "DEFAULT_TEMPLATES",
     "ZeroShotClassifier",
     "build_classifier_weights",
     "load_templates",
@@ -126,7 +125,7 @@ class ZeroShotClassifier:
     ``model`` needs ``encode_texts(list[str], batch_size=..., normalize=True) -> (N, D)`` and, for
     :meth:`predict`, ``encode_images(images, batch_size=..., normalize=True) -> (N, D)``. ``model.logit_scale``,
     when present, holds the log of the softmax scale (a float or a torch scalar); the scale is its exp, else
-    :data:`DEFAULT_LOGIT_SCALE`. ``templates`` default to :data:`DEFAULT_TEMPLATES`.
+    :data:`DEFAULT_LOGIT_SCALE`. ``templates`` default to :data:`clipcraft.templates.DEFAULT_TEMPLATES`.
 
     Attributes: ``classnames`` (list), ``templates`` (list), ``weights`` (C, D) float32 unit rows,
     ``logit_scale`` (float, already exponentiated).
