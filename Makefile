@@ -21,6 +21,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard bench)
 	$(VENV)/bin/ruff format --check src tests $(wildcard bench)
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q bench/tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests $(wildcard bench)

@@ -161,8 +161,8 @@ def _pack_cifar(model: Any, root: Path, per_class: int, out: Path) -> dict[str, 
     and the text-tower features of every prompt (class-major: class c, template t at row c * T + t), which
     the sweep turns into the zero-shot head of ``clipcraft.evaluation.zeroshot.build_classifier_weights``."""
     from clipcraft.evaluation.labelled import read_class_folder
-    from clipcraft.evaluation.zeroshot import DEFAULT_TEMPLATES
     from clipcraft.images import load_image
+    from clipcraft.templates import DEFAULT_TEMPLATES
 
     data = read_class_folder(root, limit_per_class=per_class)
     images = np.stack([np.asarray(load_image(p)) for p in data.paths])

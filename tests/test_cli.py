@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -54,6 +56,12 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 def test_demo_smoke_run_learns_and_reloads(tmp_path, capsys):
     assert main(["demo", "--smoke", "--out", str(tmp_path / "run"), "--steps", "25"]) == 0
     out = capsys.readouterr().out
+    loss_first, loss_last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out).groups())
+    recall, chance = map(
+        float, re.search(r"recall@1 on the training scenes: ([\d.]+) \(chance ([\d.]+)\)", out).groups()
+    )
+    assert loss_last < loss_first - 0.2  # it learned: the loss fell ...
+    assert recall > chance  # ... and the trained model matches scenes to captions above chance
     assert "bit-identical: True" in out
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 

@@ -135,13 +135,29 @@ def test_classify_prints_labels_and_skips_bad_files(model_dir, cifar_like, capsy
     assert len(lines) == 2 and lines[0].startswith(good[0])
     assert all(line.split("\t")[1].split()[0] in ("cat", "dog", "car") for line in lines)
 
-    assert main(["classify", "--model", model_dir, "--labels", "cat,dog", good[0], bad, "--json"]) == 1
+    argv = ["classify", "--model", model_dir, "--labels", "cat,dog", good[0], bad, "--json", "--top-k", "2"]
+    assert main(argv) == 1
     captured = capsys.readouterr()
     row = json.loads(captured.out.strip())
-    assert row["image"] == good[0] and row["label"] in ("cat", "dog")
-    assert sum(p for _, p in row["top"]) == pytest.approx(1.0, abs=1e-3) or len(row["top"]) == 1
+    assert row["image"] == good[0]
+    (first, p_first), (second, p_second) = row["top"]  # both labels, most probable first
+    assert {first, second} == {"cat", "dog"} and row["label"] == first and p_first >= p_second
+    assert p_first + p_second == pytest.approx(1.0, abs=1e-6)
     assert "skipped" in captured.err and "9.jpg" in captured.err
     assert main(["classify", "--model", model_dir, "--labels", " , ", good[0]]) == 2
+
+
+def test_one_label_is_accepted_with_probability_one(model_dir, cifar_like, tmp_path, capsys) -> None:
+    image = str(cifar_like / "test" / "ant" / "0.png")
+    assert main(["classify", "--model", model_dir, "--labels", "ant", image, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top"] == [["ant", 1.0]]
+    one_class = tmp_path / "one"
+    _image(one_class / "ant" / "0.png", 1)
+    out = tmp_path / "zs.json"
+    argv = ["eval", "zeroshot", "--model", model_dir, "--data", str(one_class), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert (result["num_classes"], result["top1"]) == (1, 1.0)
 
 
 @pytest.mark.data

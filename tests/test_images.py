@@ -75,3 +75,28 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_wrong_type():
     with pytest.raises(ImageLoadError, match="Expected a file path"):
         load_image(123)  # type: ignore[arg-type]
+
+
+def test_paths_and_bytes_go_through_the_same_checks(tmp_path, monkeypatch):
+    from clipcraft.images import MISSING_FILE, TOO_LARGE, UNREADABLE_IMAGE, BadImageError, decode_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (6, 3), (10, 200, 30)).save(tmp_path / "good.jpg", exif=exif)
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    good = tmp_path / "good.jpg"
+    assert np.array_equal(np.asarray(decode_image(good)), np.asarray(decode_image(good.read_bytes())))
+    assert decode_image(good.read_bytes()).size == (3, 6)  # EXIF applied to bytes too
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 5000)
+    for name, kind in (("junk.png", UNREADABLE_IMAGE), ("big.png", TOO_LARGE)):
+        for source in (tmp_path / name, (tmp_path / name).read_bytes()):
+            with pytest.raises(BadImageError) as info:
+                decode_image(source, where=name)
+            assert (info.value.kind, info.value.where) == (kind, name)
+        with pytest.raises(ImageLoadError, match=name):
+            load_image(tmp_path / name)
+    with pytest.raises(BadImageError) as info:
+        decode_image(tmp_path / "gone.png")
+    assert info.value.kind == MISSING_FILE
+    assert decode_image(tmp_path / "big.png", max_pixels=10_000).size == (100, 100)  # a caller's own limit

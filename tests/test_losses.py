@@ -56,7 +56,6 @@ def test_clip_loss_matches_loop_reference():
     scale = torch.tensor(14.3, dtype=torch.float64)
     ours = _value_and_grads(lambda a, b, s: clip_loss(a.double(), b.double(), s), img, txt, scale)
     ref = _value_and_grads(reference_clip, img, txt, scale)
-    # clip_loss computes in float32: compare at float32 precision
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
 
@@ -110,6 +109,42 @@ def test_several_captions_per_image_match_loop_references():
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
 
 
+def _float64_pair(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(n * k, 8, generator=g, dtype=torch.float64), dim=-1)
+    return img, txt
+
+
+def _assert_float64_close(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_float64_inputs_are_computed_in_float64(k):
+    img, txt = _float64_pair(4, k, seed=11)
+    scale, bias = torch.tensor(9.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    ours = _value_and_grads(lambda a, b, s: clip_loss(a, b, s), img, txt, scale)
+    _assert_float64_close(
+        ours, _value_and_grads(lambda a, b, s: reference_clip_k(a, b, s, k), img, txt, scale)
+    )
+    ours = _value_and_grads(lambda a, b, s, c: siglip_loss(a, b, s, c), img, txt, scale, bias)
+    ref = _value_and_grads(lambda a, b, s, c: reference_siglip_k(a, b, s, c, k), img, txt, scale, bias)
+    _assert_float64_close(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    img, txt = _embeddings(4, 8, seed=12)
+    loss = clip_loss(img.to(dtype), txt.to(dtype), 10.0)
+    assert loss.dtype == torch.float32
+    expected = clip_loss(img.to(dtype).float(), txt.to(dtype).float(), 10.0)
+    torch.testing.assert_close(loss, expected)
+    assert siglip_loss(img.to(dtype), txt.to(dtype), 10.0, -2.0).dtype == torch.float32
+
+
 def test_one_caption_per_image_is_the_k1_case_and_bad_shapes_are_refused():
     img, txt = _embeddings(5, 8, seed=9)
     torch.testing.assert_close(clip_loss(img, txt, 7.0), reference_clip(img, txt, 7.0).float())
@@ -136,10 +171,13 @@ PER_RANK = 3
 CAPTIONS = (1, 2)  # captions per image
 
 
-def _global_batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+DTYPES = (torch.float32, torch.float64)
+
+
+def _global_batch(k: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     img, _ = _embeddings(WORLD * PER_RANK, 8, seed=5)
     _, txt = _embeddings(WORLD * PER_RANK * k, 8, seed=6)
-    return img, txt
+    return img.to(dtype), txt.to(dtype)
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -147,8 +185,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
-    for name, k in [(n, k) for n in ("clip", "siglip") for k in CAPTIONS]:
-        img, txt = _global_batch(k)
+    for name, k, dtype in [(n, k, t) for n in ("clip", "siglip") for k in CAPTIONS for t in DTYPES]:
+        img, txt = _global_batch(k, dtype)
         local_img = img[rank * PER_RANK : (rank + 1) * PER_RANK].clone().requires_grad_(True)
         local_txt = txt[rank * PER_RANK * k : (rank + 1) * PER_RANK * k].clone().requires_grad_(True)
         if name == "clip":
@@ -156,7 +194,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         else:
             loss = siglip_loss(local_img, local_txt, 10.0, -4.0, distributed=True)
         loss.backward()
-        results[name, k] = (loss.detach(), local_img.grad, local_txt.grad)
+        results[name, k, dtype] = (loss.detach(), local_img.grad, local_txt.grad)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT at exit otherwise)
     dist.destroy_process_group()
@@ -177,12 +215,23 @@ def test_gathered_losses_equal_single_process_on_the_global_batch(tmp_path):
         else:
             single = siglip_loss(full_img, full_txt, 10.0, -4.0)
         single.backward()
-        mean_loss = sum(r[name, k][0] for r in per_rank) / WORLD
+        mean_loss = sum(r[name, k, torch.float32][0] for r in per_rank) / WORLD
         torch.testing.assert_close(mean_loss, single.detach(), rtol=1e-5, atol=1e-6)
         for r in range(WORLD):
             rows = slice(r * PER_RANK, (r + 1) * PER_RANK)
             text_rows = slice(r * PER_RANK * k, (r + 1) * PER_RANK * k)
             # DDP averages gradients over ranks: rank gradient / WORLD must equal the single-process one
-            _, g_img, g_txt = per_rank[r][name, k]
+            _, g_img, g_txt = per_rank[r][name, k, torch.float32]
             torch.testing.assert_close(g_img / WORLD, full_img.grad[rows], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(g_txt / WORLD, full_txt.grad[text_rows], rtol=1e-4, atol=1e-6)
+        # float64 stays float64 through the gather: the ranks agree with the plain reference to 1e-10
+        img, txt = _global_batch(k, torch.float64)
+        if name == "clip":
+            ref = _value_and_grads(reference_clip_k, img, txt, 12.0, k)
+        else:
+            ref = _value_and_grads(reference_siglip_k, img, txt, 10.0, -4.0, k)
+        ranks = [per_rank[r][name, k, torch.float64] for r in range(WORLD)]
+        _assert_float64_close((sum(r[0] for r in ranks) / WORLD,), (ref[0],))
+        _assert_float64_close(
+            (torch.cat([r[1] for r in ranks]) / WORLD, torch.cat([r[2] for r in ranks]) / WORLD), ref[1:]
+        )

@@ -223,7 +223,12 @@ def test_import_clipcraft_is_light():
 
 
 def test_losses_are_reachable_from_the_package():
-    assert clipcraft.losses.clip_loss is not None
+    import importlib
+
+    losses = importlib.import_module("clipcraft.losses")
+    assert "losses" in clipcraft.__all__
+    assert clipcraft.losses is losses and clipcraft.losses.clip_loss is losses.clip_loss
+    assert callable(losses.clip_loss) and callable(losses.siglip_loss)
 
 
 def test_smoke_demo_lowers_the_loss(tmp_path):

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from clipcraft.config import TrainConfig
-from clipcraft.demo import write_scene_dataset
+from clipcraft.demo import COLORS, HELD_OUT, SHAPES, write_scene_dataset
 from clipcraft.errors import ClipcraftError
 from clipcraft.model import load
 from clipcraft.train import train
@@ -66,8 +67,26 @@ def _rows(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if r["type"] == kind]
 
 
+def _plain_test_recall(model_dir: Path | str, split: Path) -> dict[str, float]:
+    """Recall@1 and @5 both ways, recomputed from scratch for a scene split: embed every image and caption,
+    rank by cosine similarity, and count a hit when the match is ranked within k (any caption of an image)."""
+    rows = [json.loads(line) for line in (split / "metadata.jsonl").read_text().splitlines()]
+    owner = np.array([i for i, r in enumerate(rows) for _ in r["text"]])  # caption -> its image
+    model = load(model_dir)
+    images = model.encode_images([split / r["file_name"] for r in rows], normalize=True)  # (N, D)
+    texts = model.encode_texts([c for r in rows for c in r["text"]], normalize=True)  # (M, D)
+    sim = images @ texts.T  # (N, M)
+    out = {}
+    for k in (1, 5):
+        i2t = [sum(sim[i] > sim[i][owner == i].max()) < k for i in range(len(rows))]
+        t2i = [sum(sim[:, j] > sim[owner[j], j]) < k for j in range(len(owner))]
+        out[f"i2t_r{k}"], out[f"t2i_r{k}"] = float(np.mean(i2t)), float(np.mean(t2i))
+    return out
+
+
 def test_a_run_writes_models_metrics_plots_and_summary(scenes: Path, tmp_path: Path) -> None:
-    result = train(_config(scenes, tmp_path / "run", example_sheet=True))
+    # fp32 so that the plain recomputation of the test recall below sees the same embeddings
+    result = train(_config(scenes, tmp_path / "run", example_sheet=True, precision="fp32"))
     run = result.run_dir
     assert result.steps == 2 * (24 // 4) and result.epochs == 2
     for name in ("config.yaml", CHECKPOINT_FILE, "summary.json", "retrieval_examples.png"):
@@ -79,13 +98,15 @@ def test_a_run_writes_models_metrics_plots_and_summary(scenes: Path, tmp_path: P
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert {"val_loss", "i2t_r1", "t2i_r10", "recall_mean"} <= epochs[-1].keys()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["test_num_images"] == 8 and 0.0 <= summary["test_t2i_r1"] <= 1.0
+    assert summary["test_num_images"] == 8
+    plain = _plain_test_recall(summary["best_model"] or summary["last_model"], scenes / "test")
+    assert {k: summary[f"test_{k}"] for k in plain} == pytest.approx(plain, abs=1e-9)
     assert summary["bad_data"]["before_training"]["bad"] == 0
     # the resolved config round-trips
     import yaml
 
     assert TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())) == _config(
-        scenes, tmp_path / "run", example_sheet=True
+        scenes, tmp_path / "run", example_sheet=True, precision="fp32"
     )
 
 
@@ -279,9 +300,33 @@ def test_distributed_two_cpu_processes_match_one_process_with_the_global_batch(
 def test_the_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
     from clipcraft.demo import run_demo
 
-    r = run_demo(tmp_path, sizes=(36, 12, 12), model="tiny", epochs=1, batch_size=8, num_workers=0)
-    assert r["test_images"] == 12 and 0.0 <= r["test_t2i_r1"] <= 1.0
-    assert 0.0 <= r["zeroshot_seen_top1"] <= 1.0 and 0.0 <= r["zeroshot_heldout_top1"] <= 1.0
+    r = run_demo(
+        tmp_path, sizes=(36, 12, 12), model="tiny", epochs=1, batch_size=8, num_workers=0, precision="fp32"
+    )
+    assert r["test_images"] == 12
+    plain = _plain_test_recall(r["model"], tmp_path / "data" / "test")
+    assert {k: r[f"test_{k}"] for k in plain} == pytest.approx(plain, abs=1e-9)
+    # zero-shot recomputed by hand: each class's prompts averaged, the nearest class per test image
+    rows = [
+        json.loads(line) for line in (tmp_path / "data" / "test" / "metadata.jsonl").read_text().splitlines()
+    ]
+    model = load(r["model"])
+    classes = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    prompts = [t.format(c) for c in classes for t in ("a {}.", "a photo of a {}.", "a drawing of a {}.")]
+    class_emb = (
+        model.encode_texts(prompts, normalize=True).reshape(len(classes), 3, -1).mean(axis=1)
+    )  # (C, D)
+    class_emb /= np.linalg.norm(class_emb, axis=1, keepdims=True)
+    images = model.encode_images(
+        [tmp_path / "data" / "test" / row["file_name"] for row in rows], normalize=True
+    )
+    predicted = (images @ class_emb.T).argmax(axis=1)  # (N,) the most similar class
+    hits = [classes[p] == f"{row['color']} {row['shape']}" for p, row in zip(predicted, rows, strict=True)]
+    held = [(row["color"], row["shape"]) in HELD_OUT for row in rows]
+    seen_hits = [h for h, o in zip(hits, held, strict=True) if not o]
+    held_hits = [h for h, o in zip(hits, held, strict=True) if o]
+    assert r["zeroshot_seen_top1"] == pytest.approx(sum(seen_hits) / len(seen_hits))
+    assert r["zeroshot_heldout_top1"] == pytest.approx(sum(held_hits) / len(held_hits))
     assert r["zeroshot_chance"] == pytest.approx(1 / 18)
     assert Path(r["model"], "model.safetensors").is_file()
     assert json.loads(Path(r["run_dir"], "demo.json").read_text())["test_images"] == 12

@@ -30,16 +30,15 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcraft import __version__
 from clipcraft.errors import ClipcraftError
 from clipcraft.flags import print_help_and_fail
+from clipcraft.version import __version__
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -538,7 +537,8 @@ def export_onnx(
 
     import torch
 
-    from clipcraft.model import _replace_dir, load
+    from clipcraft.files import atomic_dir
+    from clipcraft.model import load
 
     if model_dir is not None:
         clip = load(model_dir)
@@ -554,12 +554,7 @@ def export_onnx(
         _ = clip.tokenizer  # fail on an unloadable tokenizer before the (slow) tracing
         programs, timings = _capture(clip)
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with atomic_dir(target) as tmp:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -588,10 +583,6 @@ def export_onnx(
                 image_cos, text_cos = _verify(clip, tmp)
                 timings["verify"] = time.perf_counter() - t0
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            _replace_dir(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
     finally:
         clip.train(was_training)
     return OnnxExport(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -55,7 +58,8 @@ def load_image(image: ImageInput) -> Image.Image:
     """Return ``image`` as an 8-bit RGB PIL image, with EXIF orientation applied.
 
     Accepts a path or an already opened PIL image. Raises :class:`ImageLoadError` naming the file when it
-    is missing, not an image, truncated, or larger than :data:`MAX_IMAGE_PIXELS` (decompression bomb).
+    is missing, not an image, truncated, or larger than :data:`MAX_IMAGE_PIXELS` (decompression bomb); the
+    last three as :class:`BadImageError`, which says which of them it was.
     """
     if isinstance(image, Image.Image):
         return to_rgb(image)
@@ -64,24 +68,95 @@ def load_image(image: ImageInput) -> Image.Image:
     path = Path(image)
     if not path.is_file():
         raise ImageLoadError(f"Image file not found: {path}")
+    return decode_image(path)
+
+
+# -- the one way a file or encoded bytes are opened with PIL ------------------------------------------------
+
+# Why an image could not be used (the data layer counts bad images by these kinds).
+MISSING_FILE = "missing_file"  # the file does not exist
+UNREADABLE_IMAGE = "unreadable_image"  # not an image, truncated, or fails to decode
+TOO_LARGE = "too_large"  # over the pixel limit (decompression bomb guard)
+
+_BOMB_ERRORS = (Image.DecompressionBombWarning, Image.DecompressionBombError)
+
+ImageSource = Union[str, os.PathLike, bytes]  # noqa: UP007 (runtime alias, Python 3.10)
+
+
+class BadImageError(ImageLoadError):
+    """An image that cannot be used, with ``kind`` one of :data:`MISSING_FILE`, :data:`UNREADABLE_IMAGE` or
+    :data:`TOO_LARGE`, ``where`` naming the source and ``reason`` saying what was wrong."""
+
+    def __init__(self, kind: str, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.kind = kind
+        self.where = where
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def _opened(source: Path | bytes, where: str, max_pixels: int | None, action: str) -> Iterator[Image.Image]:
+    """Open ``source`` with PIL and refuse it from its header when it has more than ``max_pixels`` (default
+    :data:`MAX_IMAGE_PIXELS`, read at call time so tests and users can change it), before anything is
+    decoded. Every PIL failure inside the block becomes a :class:`BadImageError` with its kind."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
                 width, height = opened.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError(
-                        f"Image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
-                        "(possible decompression bomb); resize it or raise clipcraft.images.MAX_IMAGE_PIXELS."
+                if width * height > limit:
+                    advice = (
+                        "; resize it or raise clipcraft.images.MAX_IMAGE_PIXELS" if max_pixels is None else ""
                     )
-                opened.load()  # decode now so truncated files fail here, with the file name
-                out = ImageOps.exif_transpose(opened)
-                return to_rgb(out)
-    except ImageLoadError:
+                    raise BadImageError(
+                        TOO_LARGE,
+                        where,
+                        f"{width}x{height} pixels is over the {limit:,} pixel limit (possible decompression bomb)"
+                        + advice,
+                    )
+                yield opened
+    except BadImageError:
         raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"Image {path} is too large to decode safely: {exc}") from exc
+    except _BOMB_ERRORS as exc:
+        raise BadImageError(TOO_LARGE, where, f"Too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(f"Not an image file (or an unsupported format): {path}") from exc
+        raise BadImageError(UNREADABLE_IMAGE, where, "Not an image file (or an unsupported format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"Could not decode image {path}: {exc}") from exc
+        raise BadImageError(UNREADABLE_IMAGE, where, f"Could not {action}: {exc}") from exc
+
+
+def _source(source: ImageSource, where: str | None) -> tuple[Path | bytes, str]:
+    """``source`` as a Path (checked to exist) or bytes, and the name to use for it in messages."""
+    if isinstance(source, bytes):
+        return source, "<image bytes>" if where is None else where
+    path = Path(source)
+    where = str(path) if where is None else where
+    if not path.is_file():
+        raise BadImageError(MISSING_FILE, where, "File not found")
+    return path, where
+
+
+def decode_image(
+    source: ImageSource, where: str | None = None, *, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode a file path or encoded bytes into an 8-bit RGB PIL image (EXIF orientation applied).
+
+    Raises :class:`BadImageError` with ``kind`` :data:`MISSING_FILE` (no such file), :data:`TOO_LARGE` (over
+    ``max_pixels``, default :data:`MAX_IMAGE_PIXELS`, checked from the header before decoding) or
+    :data:`UNREADABLE_IMAGE` (not an image, truncated, corrupt). ``where`` names the source in messages
+    (default: the path, or ``<image bytes>``).
+    """
+    source, where = _source(source, where)
+    with _opened(source, where, max_pixels, "decode") as opened:
+        opened.load()  # decode now so truncated data fails here, with the source's name
+        return to_rgb(ImageOps.exif_transpose(opened))
+
+
+def verify_image(source: ImageSource, where: str | None = None, *, max_pixels: int | None = None) -> None:
+    """The fast check of :func:`decode_image`'s failures: the file exists, PIL recognises the format, the
+    size is under the limit and ``Image.verify()`` passes (PNG checksums; JPEG data is not decoded, so a
+    truncated JPEG passes). Raises :class:`BadImageError` as :func:`decode_image` does."""
+    source, where = _source(source, where)
+    with _opened(source, where, max_pixels, "read") as opened:
+        opened.verify()

@@ -20,19 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipcraft.data.ranks import rank_and_world_size
+from clipcraft.distributed import gather_with_grad, rank_and_world_size
 
 if TYPE_CHECKING:
     from clipcraft.model import ClipOutput
 
 LOSS_NAMES = ("clip", "siglip")
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather (B, D) from every rank into (N*B, D), in rank order, keeping the autograd graph."""
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def _columns(image_emb: Tensor, text_emb: Tensor, distributed: bool) -> tuple[Tensor, Tensor, int]:
@@ -41,6 +34,13 @@ def _columns(image_emb: Tensor, text_emb: Tensor, distributed: bool) -> tuple[Te
     if world == 1:
         return image_emb, text_emb, 0
     return gather_with_grad(image_emb), gather_with_grad(text_emb), rank * image_emb.shape[0]
+
+
+def _at_least_float32(image_emb: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor]:
+    """Both embeddings in at least float32: half precision is promoted (the log-softmax over a large batch
+    needs the range), float64 stays float64 (a caller who asked for it keeps its precision)."""
+    dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
+    return image_emb.to(dtype), text_emb.to(dtype)
 
 
 def captions_per_image(image_emb: Tensor, text_emb: Tensor) -> int:
@@ -70,11 +70,11 @@ def clip_loss(
         logit_scale: scalar multiplier (exp of the learnable log scale).
         distributed: gather columns from all ranks (see the module docstring).
 
-    Returns: scalar loss in float32, the mean of the image->text and text->image cross-entropies. With k > 1
-    each image's target spreads evenly over its k captions (the mean of the k cross-entropies), and each
-    caption's target is its image; k = 1 is the usual CLIP loss.
+    Returns: scalar loss in float32 (float64 for float64 inputs), the mean of the image->text and
+    text->image cross-entropies. With k > 1 each image's target spreads evenly over its k captions (the mean
+    of the k cross-entropies), and each caption's target is its image; k = 1 is the usual CLIP loss.
     """
-    image_emb, text_emb = image_emb.float(), text_emb.float()
+    image_emb, text_emb = _at_least_float32(image_emb, text_emb)
     k = captions_per_image(image_emb, text_emb)
     all_images, all_texts, offset = _columns(image_emb, text_emb, distributed)
     logits_per_image = logit_scale * image_emb @ all_texts.T  # (B, N*B*k)
@@ -98,9 +98,9 @@ def siglip_loss(
     ``loss = -1/B * sum_ij log sigmoid(z_ij * (scale * <img_i, txt_j> + bias))`` with z_ij = +1 for matching
     pairs and -1 otherwise: summed over pairs, averaged over the batch's images, as in the SigLIP paper.
     Shapes as for :func:`clip_loss` (with k captions per image, all k are matches); ``logit_bias`` is a
-    scalar added to every logit.
+    scalar added to every logit. Computed in float32, or float64 for float64 inputs.
     """
-    image_emb, text_emb = image_emb.float(), text_emb.float()
+    image_emb, text_emb = _at_least_float32(image_emb, text_emb)
     k = captions_per_image(image_emb, text_emb)
     _, all_texts, offset = _columns(image_emb, text_emb, distributed)
     batch = image_emb.shape[0]

@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,13 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clipcraft import __version__
 from clipcraft.config import ModelConfig
 from clipcraft.errors import CheckpointError, ClipcraftError, PretrainedWeightsError
+from clipcraft.files import atomic_dir
 from clipcraft.heads import build_head
 from clipcraft.images import ImageInput
 from clipcraft.precision import INFERENCE_DEFAULT, Precision, autocast, resolve_precision
 from clipcraft.towers import ImageTower, TextTower, load_tokenizer
+from clipcraft.version import __version__
 
 FORMAT_NAME = "clipcraft"
 FORMAT_VERSION = 1
@@ -234,25 +234,20 @@ class ClipModel(nn.Module):
         from safetensors.torch import save_file
 
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "clipcraft_version": __version__,
             "model": self.config.to_dict(),
         }
-        try:
-            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        except PretrainedWeightsError as exc:
-            warnings.warn(f"Saving without tokenizer files: {exc}", stacklevel=2)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, target)
+        with atomic_dir(target) as tmp:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+            try:
+                self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            except PretrainedWeightsError as exc:
+                warnings.warn(f"Saving without tokenizer files: {exc}", stacklevel=2)
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return target
 
 
@@ -260,19 +255,6 @@ def _normalized(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, replacing it; the old copy is removed only afterwards."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
 
 
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -661,8 +660,3 @@ def load_tokenizer(source: str, name: str) -> Any:
                 "The model hub may be unreachable. Pass a local model directory as the text tower name, or "
                 "load a saved clipcraft model (it carries its tokenizer)."
             ) from exc
-
-
-def tokenizer_files_present(path: str | os.PathLike[str]) -> bool:
-    root = Path(path)
-    return any((root / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from clipcraft.errors import ClipcraftError
+from clipcraft.images import MISSING_FILE, TOO_LARGE, UNREADABLE_IMAGE
 
-# The kinds of bad data the readers and datasets count. Other strings are accepted too.
-MISSING_FILE = "missing_file"  # the image (or shard) file does not exist
-UNREADABLE_IMAGE = "unreadable_image"  # not an image, truncated, or fails to decode
-TOO_LARGE = "too_large"  # over clipcraft.images.MAX_IMAGE_PIXELS (decompression bomb guard)
+# The kinds of bad data the readers and datasets count. Other strings are accepted too. The three image kinds
+# are those of clipcraft.images.BadImageError: missing_file (the image, or here also a shard, does not exist),
+# unreadable_image (not an image, truncated, fails to decode), too_large (over the pixel limit).
 EMPTY_CAPTION = "empty_caption"  # caption is empty after stripping whitespace
 BAD_ENCODING = "bad_encoding"  # caption or row bytes are not valid UTF-8
 MALFORMED_ROW = "malformed_row"  # wrong number of fields, invalid JSON, missing keys, unbalanced quotes

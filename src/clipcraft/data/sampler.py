@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from clipcraft.data.ranks import rank_and_world_size
+from clipcraft.distributed import rank_and_world_size
 from clipcraft.errors import ClipcraftError
 
 Batch = list[tuple[int, int]]  # (image index, caption index) pairs, what CaptionDataset.__getitem__ takes

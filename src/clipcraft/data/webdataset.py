@@ -38,7 +38,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipcraft.data.dataset import CaptionItem, ImageTransform, TextTransform
 from clipcraft.data.decode import CHECK_MODES, BadImageError, CheckMode, check_image, decode_image
-from clipcraft.data.ranks import rank_and_world_size
 from clipcraft.data.report import (
     BAD_ENCODING,
     BAD_SHARD,
@@ -48,6 +47,7 @@ from clipcraft.data.report import (
     BadDataReport,
     BadItem,
 )
+from clipcraft.distributed import rank_and_world_size
 from clipcraft.errors import ClipcraftError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # tried in this order when a sample has several

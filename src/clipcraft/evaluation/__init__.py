@@ -24,12 +24,11 @@ from clipcraft.evaluation.runners import (
 )
 from clipcraft.evaluation.zeroshot import (
     DEFAULT_LOGIT_SCALE,
-    DEFAULT_TEMPLATES,
     ZeroShotClassifier,
     build_classifier_weights,
-    load_templates,
     read_classnames,
 )
+from clipcraft.templates import DEFAULT_TEMPLATES, load_templates
 
 __all__ = [
     "DEFAULT_L2_GRID",

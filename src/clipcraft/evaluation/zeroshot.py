@@ -1,91 +1,35 @@
-"""Zero-shot classification: prompt templates, class-name files, the text-embedding classifier head."""
+"""Zero-shot classification: class-name files and the text-embedding classifier head (prompt templates:
+:mod:`clipcraft.templates`)."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipcraft.errors import ClipcraftError
-from clipcraft.evaluation.metrics import classification_metrics, confusion_matrix, plot_confusion_matrix
 from clipcraft.precision import INFERENCE_DEFAULT, Precision
+from clipcraft.templates import (
+    DEFAULT_TEMPLATES,
+    TEMPLATE_SLOT,
+    check_templates,
+    load_templates,  # re-exported: the eval and fine-tune commands import it from here
+    read_text_lines,
+)
 
 __all__ = [
     "DEFAULT_LOGIT_SCALE",
-    "DEFAULT_TEMPLATES",
     "ZeroShotClassifier",
     "build_classifier_weights",
-    "classification_metrics",
-    "confusion_matrix",
     "load_templates",
-    "plot_confusion_matrix",
     "read_classnames",
 ]
 
-# Written for clipcraft: plain photos first, then the ways real images differ from them (quality, framing,
-# size, medium). Each holds one ``{}`` for the class name.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image showing a {}.",
-    "a close-up photo of a {}.",
-    "a photo of a {} taken from far away.",
-    "a blurry photo of a {}.",
-    "a dark photo of a {}.",
-    "a bright photo of a {}.",
-    "a low-resolution photo of a {}.",
-    "a cropped photo of a {}.",
-    "a photo of a small {}.",
-    "a photo of a large {}.",
-    "a black and white photo of a {}.",
-    "a drawing of a {}.",
-    "a painting of a {}.",
-    "a cartoon {}.",
-    "a toy {}.",
-    "a photo of the {} in its usual surroundings.",
-)
-
 # CLIP's learned temperature usually saturates near this value; used when a model has no ``logit_scale``.
 DEFAULT_LOGIT_SCALE = 100.0
-
-TEMPLATE_SLOT = "{}"
-
-
-def _read_lines(path: str | os.PathLike[str], what: str) -> list[str]:
-    p = Path(path)
-    try:
-        return p.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise ClipcraftError(f"{what} file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClipcraftError(f"Could not read {what} file {p}: {exc}. It must be UTF-8 text.") from exc
-
-
-def load_templates(path: str | os.PathLike[str]) -> list[str]:
-    """Read prompt templates, one per line, each holding ``{}`` where the class name goes.
-
-    Surrounding whitespace is stripped; blank lines and lines starting with ``#`` are skipped. Every ``{}`` in
-    a template is replaced by the class name and other braces are kept literally. A line without ``{}`` or a
-    file with no templates raises :class:`ClipcraftError` naming the file and line.
-    """
-    templates: list[str] = []
-    for lineno, raw in enumerate(_read_lines(path, "Template"), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if TEMPLATE_SLOT not in line:
-            raise ClipcraftError(
-                f"{path}:{lineno}: template {line!r} has no '{{}}' where the class name goes, "
-                "e.g. 'a photo of a {}.'"
-            )
-        templates.append(line)
-    if not templates:
-        raise ClipcraftError(f"Template file {path} holds no templates (one per line, each with '{{}}').")
-    return templates
 
 
 def read_classnames(path: str | os.PathLike[str], folders: Sequence[str] | None = None) -> list[str]:
@@ -99,7 +43,7 @@ def read_classnames(path: str | os.PathLike[str], folders: Sequence[str] | None 
     """
     entries: list[tuple[str, str]] = []
     tabbed: bool | None = None
-    for lineno, raw in enumerate(_read_lines(path, "Class-name"), start=1):
+    for lineno, raw in enumerate(read_text_lines(path, "Class-name"), start=1):
         if not raw.strip():
             continue
         has_tab = "\t" in raw
@@ -154,11 +98,7 @@ def build_classifier_weights(
     """
     if len(classnames) == 0:
         raise ClipcraftError("Zero-shot classification needs at least one class name.")
-    if len(templates) == 0:
-        raise ClipcraftError("Zero-shot classification needs at least one prompt template.")
-    for t in templates:
-        if TEMPLATE_SLOT not in t:
-            raise ClipcraftError(f"Template {t!r} has no '{{}}' where the class name goes.")
+    templates = check_templates(templates)
     c, t_count = len(classnames), len(templates)
     prompts = [t.replace(TEMPLATE_SLOT, name) for name in classnames for t in templates]  # class-major
     emb = np.asarray(encode_texts(prompts), dtype=np.float32)  # (C*T, D)
@@ -186,10 +126,11 @@ class ZeroShotClassifier:
     ``model`` needs ``encode_texts(list[str], batch_size=..., normalize=True) -> (N, D)`` and, for
     :meth:`predict`, ``encode_images(images, batch_size=..., normalize=True) -> (N, D)``. ``model.logit_scale``,
     when present, holds the log of the softmax scale (a float or a torch scalar); the scale is its exp, else
-    :data:`DEFAULT_LOGIT_SCALE`. ``templates`` default to :data:`DEFAULT_TEMPLATES`. ``precision`` (fp32 by
-    default; ``bf16`` or ``auto`` on request) is used for the prompts and for the images of :meth:`predict`
-    alike, and passed to the model's ``encode_texts`` / ``encode_images``. ``encode``, when given, embeds the
-    prompts instead (P prompts -> (P, D)); the evaluation runner passes its cached encoder.
+    :data:`DEFAULT_LOGIT_SCALE`. ``templates`` default to :data:`clipcraft.templates.DEFAULT_TEMPLATES`.
+    ``precision`` (fp32 by default; ``bf16`` or ``auto`` on request) is used for the prompts and for the
+    images of :meth:`predict` alike, and passed to the model's ``encode_texts`` / ``encode_images``.
+    ``encode``, when given, embeds the prompts instead (P prompts -> (P, D)); the evaluation runner passes
+    its cached encoder.
 
     Attributes: ``classnames`` (list), ``templates`` (list), ``weights`` (C, D) float32 unit rows,
     ``logit_scale`` (float, already exponentiated).
@@ -231,6 +172,7 @@ class ZeroShotClassifier:
         """Predicted class names (N,) and softmax probabilities (N, C) float32 for image embeddings (N, D).
 
         The label is the argmax of the probabilities (ties: lower class index), i.e. of the cosine similarity.
+        With one class the probability is always 1.0: a softmax over one label has nothing to compare against.
         """
         logits = self.logits(image_emb).astype(np.float64)  # (N, C)
         logits -= logits.max(axis=1, keepdims=True)  # stable softmax

@@ -102,7 +102,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"Serving needs the web extras ({exc.name} is missing): run `pip install 'clipcraft[server]'`."
         ) from None
 
-    serve(args.index, host=args.host, port=args.port, model=args.model)
+    from clipcraft.templates import load_templates
+
+    templates = load_templates(args.templates) if args.templates else None
+    serve(args.index, host=args.host, port=args.port, model=args.model, templates=templates)
     return 0
 
 
@@ -167,11 +170,17 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     v = subparsers.add_parser(
         "serve",
         help="serve a search page and JSON API for an index",
-        epilog="Example:\n  clipcraft serve photos.index --port 8000   # then open http://127.0.0.1:8000/",
+        epilog="Examples:\n  clipcraft serve photos.index --port 8000   # then open http://127.0.0.1:8000/\n"
+        "  clipcraft serve photos.index --templates prompts.txt   # zero-shot prompts, one per line with {}",
         formatter_class=formatter_class,
     )
     v.add_argument("index", help="index directory")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--model", default=None, help="model directory (default: the one that built the index)")
+    v.add_argument(
+        "--templates",
+        default=None,
+        help="zero-shot prompt templates file, one per line with {} (default: built-in)",
+    )
     v.set_defaults(func=_cmd_serve)

@@ -34,6 +34,7 @@ from clipcraft.data.folder import FileEntry, scan_folder
 from clipcraft.digests import model_identity
 from clipcraft.encoding import with_settings
 from clipcraft.errors import ClipcraftError
+from clipcraft.files import atomic_dir, atomic_file
 from clipcraft.images import IMAGE_EXTENSIONS, ImageInput
 from clipcraft.precision import INFERENCE_DEFAULT, Precision, resolve_precision
 from clipcraft.search.ann import IndexConfig, build_faiss, import_faiss, set_search_params
@@ -118,19 +119,6 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, replacing it; the old copy is deleted only after the swap."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
-
-
 def _load_model(model: Any, device: Any = "cpu") -> Any:
     if isinstance(model, (str, os.PathLike)):
         from clipcraft.model import load
@@ -178,8 +166,7 @@ class _Partial:
     def save(self, entries: list[FileEntry], embeddings: np.ndarray) -> None:
         if not entries:
             return
-        tmp = self.dir / f"tmp-{os.getpid()}.npz"
-        with open(tmp, "wb") as fh:
+        with atomic_file(self.dir / f"batch-{self.count:06d}.npz") as fh:
             np.savez(
                 fh,
                 paths=np.array([e.path for e in entries]),
@@ -187,7 +174,6 @@ class _Partial:
                 mtimes=np.array([e.mtime_ns for e in entries], dtype=np.int64),
                 embeddings=embeddings.astype(np.float32),
             )
-        os.replace(tmp, self.dir / f"batch-{self.count:06d}.npz")
         self.count += 1
 
     def remove(self) -> None:
@@ -338,17 +324,6 @@ def _write_index_dir(
     report: BuildReport,
 ) -> None:
     faiss = import_faiss()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    np.save(tmp / EMBEDDINGS, vectors.astype(np.float32))
-    _write_json(tmp / FILES, [e.to_dict() for e in files])
-    faiss.write_index(index, str(tmp / FAISS_FILE))
-    if captions is not None:
-        _write_json(tmp / CAPTIONS, captions[0])
-        np.save(tmp / CAPTION_EMBEDDINGS, captions[1].astype(np.float32))
     source = getattr(model, "source_dir", None)
     manifest = {
         "format": INDEX_FORMAT,
@@ -364,8 +339,14 @@ def _write_index_dir(
         "index_config": config.to_dict(),
         "build": report.to_dict(),
     }
-    _write_json(tmp / MANIFEST, manifest)
-    _replace_dir(tmp, target)
+    with atomic_dir(target) as tmp:
+        np.save(tmp / EMBEDDINGS, vectors.astype(np.float32))
+        _write_json(tmp / FILES, [e.to_dict() for e in files])
+        faiss.write_index(index, str(tmp / FAISS_FILE))
+        if captions is not None:
+            _write_json(tmp / CAPTIONS, captions[0])
+            np.save(tmp / CAPTION_EMBEDDINGS, captions[1].astype(np.float32))
+        _write_json(tmp / MANIFEST, manifest)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ The model is loaded once, when the app is created.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,13 +22,14 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 
 from clipcraft.errors import ClipcraftError
+from clipcraft.images import TOO_LARGE, BadImageError, decode_image
 from clipcraft.search.index import Index
 from clipcraft.server.limits import Limits
 from clipcraft.server.page import PAGE
+from clipcraft.templates import DEFAULT_TEMPLATES, check_templates
 
 log = logging.getLogger("clipcraft.server")
 
-ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.")
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around an uploaded file
 
 
@@ -38,8 +39,6 @@ def _bad(status: int, message: str) -> HTTPException:
 
 def _read_upload(upload: UploadFile, limits: Limits) -> Image.Image:
     """Check an uploaded file's type and size and decode it to an RGB image, or raise a 4xx."""
-    from clipcraft.images import to_rgb
-
     ctype = (upload.content_type or "").split(";")[0].strip().lower()
     if ctype not in limits.upload_types:
         raise _bad(
@@ -51,14 +50,12 @@ def _read_upload(upload: UploadFile, limits: Limits) -> Image.Image:
     if not data:
         raise _bad(400, "The uploaded file is empty.")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            if opened.width * opened.height > limits.max_upload_pixels:
-                raise _bad(413, f"The image has more than {limits.max_upload_pixels:,} pixels.")
-            opened.load()
-            return to_rgb(opened).copy()
-    except HTTPException:
-        raise
-    except Exception:  # any decoder failure means "not an image we can read"
+        return decode_image(data, "upload", max_pixels=limits.max_upload_pixels)
+    except BadImageError as exc:
+        if exc.kind == TOO_LARGE:
+            raise _bad(413, f"The image has more than {limits.max_upload_pixels:,} pixels.") from None
+        raise _bad(400, "The uploaded file is not a readable image.") from None
+    except Exception:  # a hostile file can make a decoder fail in other ways: still "not readable"
         raise _bad(400, "The uploaded file is not a readable image.") from None
 
 
@@ -69,14 +66,19 @@ def _check_k(k: int, limits: Limits) -> int:
 
 
 def create_app(
-    index: Index | str | os.PathLike[str], model: Any = None, limits: Limits | None = None
+    index: Index | str | os.PathLike[str],
+    model: Any = None,
+    limits: Limits | None = None,
+    templates: Sequence[str] | None = None,
 ) -> FastAPI:
     """The app for ``index`` (an :class:`Index` or its directory); ``model`` as for :meth:`Index.load`.
 
     The query model is loaded here, once; model calls are serialised (one at a time) so concurrent requests
-    do not oversubscribe the CPU.
+    do not oversubscribe the CPU. Zero-shot prompts are ``templates`` (each with ``{}``), by default the
+    built-in set that ``clipcraft classify`` and ``clipcraft eval zeroshot`` use.
     """
     limits = limits or Limits()
+    templates = check_templates(DEFAULT_TEMPLATES if templates is None else templates)
     idx = index if isinstance(index, Index) else Index.load(index, model=model)
     if model is not None and isinstance(index, Index):
         idx.set_model(model)
@@ -89,6 +91,7 @@ def create_app(
     )
     app.state.index = idx
     app.state.limits = limits
+    app.state.templates = templates
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
@@ -196,19 +199,19 @@ def create_app(
         file: Annotated[UploadFile, File(description="image to classify")],
         labels: Annotated[str, Form(description="class labels, comma-separated")],
     ) -> dict[str, Any]:
-        """Image + labels -> softmax probability of each label, highest first."""
+        """Image + labels -> softmax probability of each label, highest first (one label: probability 1)."""
         from clipcraft.evaluation.zeroshot import ZeroShotClassifier
 
         names = list(dict.fromkeys(x.strip() for x in labels.split(",") if x.strip()))
-        if len(names) < 2:
-            raise _bad(422, "Give at least two labels, comma-separated.")
+        if not names:
+            raise _bad(422, "Give at least one label, comma-separated.")
         if len(names) > limits.max_labels:
             raise _bad(422, f"Give at most {limits.max_labels} labels.")
         if any(len(n) > limits.max_label_chars for n in names):
             raise _bad(422, f"Each label must be at most {limits.max_label_chars} characters.")
         image = _read_upload(file, limits)
         with lock:
-            classifier = ZeroShotClassifier(net, names, ZERO_SHOT_TEMPLATES, batch_size=64)
+            classifier = ZeroShotClassifier(net, names, templates, batch_size=64, precision=idx.precision)
             _, probs = classifier.predict([image], batch_size=1)
         order = np.argsort(-probs[0], kind="stable")
         return {"results": [{"label": names[i], "probability": round(float(probs[0][i]), 6)} for i in order]}
@@ -227,13 +230,18 @@ def create_app(
 
 
 def serve(
-    index: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, model: Any = None
+    index: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model: Any = None,
+    templates: Sequence[str] | None = None,
 ) -> None:
-    """Run the app with uvicorn until interrupted. Binds to localhost unless ``host`` says otherwise."""
+    """Run the app with uvicorn until interrupted. Binds to localhost unless ``host`` says otherwise;
+    ``templates`` as for :func:`create_app`."""
     try:
         import uvicorn
     except ImportError:
         raise ClipcraftError("Serving needs uvicorn: run `pip install 'clipcraft[server]'`.") from None
-    app = create_app(index, model=model)
+    app = create_app(index, model=model, templates=templates)
     print(f"Serving {len(app.state.index)} images at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -15,7 +15,7 @@ from PIL import Image
 
 
 def _load_sweep():
-    path = Path(__file__).parents[1] / "bench" / "sweep_recipe.py"
+    path = Path(__file__).parents[1] / "sweep_recipe.py"
     spec = importlib.util.spec_from_file_location("sweep_recipe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -23,6 +23,46 @@ def _load_sweep():
 
 
 sweep = _load_sweep()
+
+
+def _plain_recalls(image: np.ndarray, text: np.ndarray, text_to_image: np.ndarray) -> dict[str, float]:
+    """Recall@1/5/10 both ways by counting, for unit embeddings image (N, D) and text (M, D): a query's rank
+    is 1 + the number of candidates scored above its best match."""
+    sim = image @ text.T  # (N, M)
+    i2t = [1 + int((sim[i] > sim[i][text_to_image == i].max()).sum()) for i in range(len(image))]
+    t2i = [1 + int((sim[:, j] > sim[text_to_image[j], j]).sum()) for j in range(len(text))]
+    return {
+        f"{d}_r{k}": float(np.mean(np.array(r) <= k))
+        for d, r in (("i2t", i2t), ("t2i", t2i))
+        for k in (1, 5, 10)
+    }
+
+
+class _Spy:
+    """Wraps clipcraft.create_model to keep the model the sweep trains (train_one returns numbers only)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import clipcraft
+
+        self.models: list = []
+        create = clipcraft.create_model
+
+        def spy(*args, **kwargs):
+            self.models.append(create(*args, **kwargs))
+            return self.models[-1]
+
+        monkeypatch.setattr(clipcraft, "create_model", spy)
+
+
+def _embed_val(model, val, img_size: int, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    mean = torch.tensor(meta["preprocess"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["preprocess"]["std"]).view(1, 3, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        pixels = (sweep.eval_crop(val.images, img_size, meta["preprocess"]["crop_pct"]) - mean) / std
+        image = model.embed_image_features(model.image_tower(pixels)).numpy()
+        text = model.embed_text_features(val.text).numpy()
+    return image, text
 
 
 def test_crop_keeps_values_and_orientation_and_flip_mirrors_it() -> None:
@@ -81,7 +121,7 @@ def test_caption_rows_wrap_within_each_image(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_one_tiny_setting_trains_and_validates(tmp_path: Path, loss: str) -> None:
+def test_one_tiny_setting_trains_and_validates(tmp_path: Path, loss: str, monkeypatch) -> None:
     _write_split(tmp_path, "train", [5] * 8, seed=1)
     _write_split(tmp_path, "val", [5] * 4, seed=2)
     meta = {"preprocess": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}
@@ -89,9 +129,15 @@ def test_one_tiny_setting_trains_and_validates(tmp_path: Path, loss: str) -> Non
     cpu = torch.device("cpu")
     train, val = sweep.Split(tmp_path, "train", cpu), sweep.Split(tmp_path, "val", cpu)
     setting = {"epochs": 2, "img_size": 32, "batch_size": 4, "warmup_steps": 1, "loss": loss}
+    spy = _Spy(monkeypatch)
     result = sweep.train_one(setting, train, val, meta, cpu)
     assert result["stopped_at_epoch"] is None and [c["epoch"] for c in result["curve"]] == [2]
-    assert 0.0 <= result["final"]["recall_mean"] <= 1.0 and np.isfinite(result["curve"][-1]["loss"])
+    assert np.isfinite(result["curve"][-1]["loss"])
+    # the reported recalls are the trained model's, recomputed here by counting
+    plain = _plain_recalls(*_embed_val(spy.models[-1], val, 32, meta), val.text_to_image)
+    final = result["final"]
+    assert {k: final[k] for k in plain} == pytest.approx(plain, abs=6e-5)  # reported to 4 decimals
+    assert final["recall_mean"] == pytest.approx(np.mean(list(plain.values())), abs=6e-5)
     stopped = sweep.train_one({**setting, "epochs": 3}, train, val, meta, cpu, stop_at=0.0)
     assert stopped["stopped_at_epoch"] == 1 and [c["epoch"] for c in stopped["curve"]] == [1]
 
@@ -137,7 +183,7 @@ def test_zeroshot_matches_the_library_zero_shot_head(tmp_path: Path) -> None:
     assert got == pytest.approx(expected, abs=1e-6) and 0 < expected < 1
 
 
-def test_a_patch_dropout_setting_trains_and_reports_zero_shot(tmp_path: Path) -> None:
+def test_a_patch_dropout_setting_trains_and_reports_zero_shot(tmp_path: Path, monkeypatch) -> None:
     _write_split(tmp_path, "train", [5] * 8, seed=1)
     _write_split(tmp_path, "val", [5] * 4, seed=2)
     meta = {"preprocess": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}
@@ -146,9 +192,21 @@ def test_a_patch_dropout_setting_trains_and_reports_zero_shot(tmp_path: Path) ->
     train, val = sweep.Split(tmp_path, "train", cpu), sweep.Split(tmp_path, "val", cpu)
     setting = {"epochs": 1, "img_size": 32, "batch_size": 4, "warmup_steps": 1}
     setting["model_overrides"] = {sweep.PD: 0.5}
-    result = sweep.train_one(setting, train, val, meta, cpu, cifar=sweep.Cifar.open(tmp_path, meta, cpu))
-    assert result["resolved"]["model_overrides"] == {sweep.PD: 0.5}
-    assert 0.0 <= result["final"]["cifar_zeroshot"] <= 1.0 and result["best_epoch"] == 1
+    spy = _Spy(monkeypatch)
+    cifar = sweep.Cifar.open(tmp_path, meta, cpu)
+    result = sweep.train_one(setting, train, val, meta, cpu, cifar=cifar)
+    assert result["resolved"]["model_overrides"] == {sweep.PD: 0.5} and result["best_epoch"] == 1
+    # zero-shot recomputed on the trained model (patch dropout is off in eval mode): the class head is the
+    # normalised mean of each class's unit prompt embeddings, the prediction the most similar class
+    model = spy.models[-1].eval()
+    with torch.no_grad():
+        prompts = model.embed_text_features(cifar.prompts).numpy().reshape(3, 2, -1)  # (C, T, D)
+        pixels = (sweep.eval_crop(cifar.images, 32, 0.9) - 0.5) / 0.5
+        image = model.embed_image_features(model.image_tower(pixels)).numpy()  # (N, D)
+    head = prompts.mean(axis=1)
+    head /= np.linalg.norm(head, axis=1, keepdims=True)
+    top1 = float(((image @ head.T).argmax(axis=1) == cifar.labels.numpy()).mean())
+    assert result["final"]["cifar_zeroshot"] == pytest.approx(top1, abs=6e-5)
 
 
 def test_low_resolution_blurs_the_picked_images_only() -> None:
