@@ -42,6 +42,7 @@ def _config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
         "lr_text_tower": 1e-3,
         "log_every": 1,
         "example_sheet": False,
+        "precision": "fp32",  # "auto" would pick bf16 on a CPU with bf16 units: pin the numbers
         "model_overrides": {"head.dropout": 0.1},  # dropout draws from the RNG: resume must restore it
     }
     base.update(overrides)
@@ -403,3 +404,30 @@ def test_train_command_runs_and_resumes_from_the_run_directory(scenes: Path, tmp
     assert load_checkpoint(run)["state"]["step"] == 2
     assert main(["train", "--resume", str(run), "max_steps=null"]) == 0
     assert load_checkpoint(run)["state"]["step"] == 6
+
+
+def test_model_overrides_may_not_set_what_a_training_field_owns(scenes: Path, tmp_path: Path) -> None:
+    """Tower locking has one owner, the training fields: a model_overrides entry that sets it used to be
+    overwritten silently by lock_image=false."""
+    for key, field_name in (("image.lock", "lock_image"), ("text.unlocked_groups", "text_unlocked_groups")):
+        with pytest.raises(ClipcraftError, match=field_name):
+            train(_config(scenes, tmp_path / "run", model_overrides={key: True}))
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before any work
+
+
+def test_the_best_model_is_scored_on_the_runs_device(
+    scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test split is scored with the best model reloaded onto the run's device, not onto the CPU that
+    ``load`` defaults to (on a CUDA run the test split was scored on the CPU)."""
+    import clipcraft.train.loop as loop
+
+    real_load, devices = loop.load, []
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        devices.append(kwargs.get("device", args[0] if args else None))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "load", spy)
+    result = train(_config(scenes, tmp_path / "run", epochs=1, device="cpu"))
+    assert result.best_model is not None and devices == [torch.device("cpu")]
