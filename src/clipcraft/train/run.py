@@ -51,8 +51,7 @@ class Run:
         self.state = {"step": 0, "epoch": 0, "batch": 0, **state}
         self.checkpoint = checkpoint
         self.log = RunLog(run_dir, runtime.is_main, checkpoint["state"]["step"] if checkpoint else None)
-        if runtime.is_main:
-            self.log.write_config(self.config, header=_precision_note(runtime))
+        self.log.write_config(self.config, header=_precision_note(runtime))  # rank 0 only, as all the log
         self._tick, self._samples = time.perf_counter(), 0
 
     def restore(self) -> None:
