@@ -122,20 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
 
         start = time.perf_counter()
-        config = FinetuneConfig(
-            model=str(args.model),
-            train=str(train_csv),
-            test=str(test_csv),
-            output_dir=str(run_dir),
-            val_fraction=args.val_fraction,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr_tower=args.lr_tower,
-            lr_head=args.lr_head,
-            warmup_steps=args.warmup_steps,
-            alphas=tuple(parse_alphas(args.alphas)),
-            num_workers=args.workers,
-            overwrite=True,
+        config = FinetuneConfig.from_dict(
+            dict(
+                model=str(args.model),
+                train=str(train_csv),
+                test=str(test_csv),
+                output_dir=str(run_dir),
+                val_fraction=args.val_fraction,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr_tower=args.lr_tower,
+                lr_head=args.lr_head,
+                warmup_steps=args.warmup_steps,
+                alphas=tuple(parse_alphas(args.alphas)),
+                num_workers=args.workers,
+                overwrite=True,
+            )
         )
         result = finetune(config)
         s = result.summary

@@ -303,10 +303,10 @@ def train_one(
     zero-shot top-1 when ``cifar`` is given); a run still going at ``stop_at`` (a ``time.time()``) ends there,
     validated, with ``stopped_at_epoch`` set."""
     import clipcraft
-    from clipcraft.config import TrainConfig
     from clipcraft.evaluation.retrieval import retrieval_metrics
     from clipcraft.losses import build_loss
-    from clipcraft.train.optim import build_optimizer, build_scheduler
+    from clipcraft.train.config import OptimConfig
+    from clipcraft.train.optim import build_optimizer, build_scheduler, param_groups
     from clipcraft.train.validation import RECALL_KEYS
 
     s = {
@@ -323,19 +323,16 @@ def train_one(
         **s["model_overrides"],
     }
     model = clipcraft.create_model("minilm-vit-tiny", pretrained=False, overrides=overrides).to(device)
-    config = TrainConfig(
-        lr_image_tower=s["lr"],
-        lr_heads=s["lr"],
-        weight_decay=s["weight_decay"],
-        warmup_steps=s["warmup_steps"],
-        min_lr_ratio=s["min_lr_ratio"],
-        lock_text=True,
+    optim = OptimConfig(
+        weight_decay=s["weight_decay"], warmup_steps=s["warmup_steps"], min_lr_ratio=s["min_lr_ratio"]
     )
+    # the text tower is locked; a setting that unlocks some of it trains them at the trainer's default rate
+    rates = {"image_tower": s["lr"], "text_tower": 1e-5, "heads": s["lr"], "logit": s["lr"]}
     n, bs, k = len(train.counts), s["batch_size"], s["captions_per_image"]
     steps_per_epoch = n // bs  # the trainer drops the last partial batch
     total = steps_per_epoch * s["epochs"]
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, total)
+    optimizer = build_optimizer(param_groups(model, rates, optim.weight_decay), optim)
+    scheduler = build_scheduler(optimizer, optim, total)
     loss_fn = build_loss(s["loss"])  # the trainer's: takes the ClipOutput
     mean = torch.tensor(meta["preprocess"]["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(meta["preprocess"]["std"], device=device).view(1, 3, 1, 1)

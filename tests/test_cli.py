@@ -98,3 +98,21 @@ def test_embed_skips_a_bad_file_reports_it_and_keeps_the_rest(tmp_path, capsys):
     kept = (tmp_path / "emb.paths.txt").read_text().splitlines()
     assert kept == [str(good[0]), str(good[1])]
     assert build_parser().parse_args(["classify", "--model", "m", "-k", "2", "x.png"]).top_k == 2
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_train_and_finetune_take_the_same_run_flags(command, capsys):
+    args = build_parser().parse_args(
+        [command, "--output-dir", "runs/x", "--device", "cpu", "--precision", "fp32"]
+    )
+    assert (args.output_dir, args.device, args.precision) == ("runs/x", "cpu", "fp32")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "bf16 where the hardware has native bf16 (CUDA, or CPUs with AVX512-BF16/AMX), else fp32" in help_text
+    )
+
+
+def test_finetune_still_reads_the_deprecated_out_flag():
+    assert build_parser().parse_args(["finetune", "--out", "runs/y"]).output_dir == "runs/y"

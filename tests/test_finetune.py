@@ -82,7 +82,7 @@ def _config(model_dir: Path, colours: Path, out: Path, **changes) -> FinetuneCon
         log_every=1,
     )
     fields.update(changes)
-    return FinetuneConfig(**fields)
+    return FinetuneConfig.from_dict(fields)
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,15 @@ def test_classify_cli_uses_the_finetuned_head(trained, colours, model_dir, capsy
 
 def test_finetune_cli_end_to_end(model_dir, colours, tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    argv = ["finetune", "--model", str(model_dir), "--train", str(colours / "train"), "--out", str(out)]
+    argv = [
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--train",
+        str(colours / "train"),
+        "--output-dir",
+        str(out),
+    ]
     argv += ["--epochs", "1", "--alphas", "0,1", "--val-fraction", "0.25", "device=cpu", "lr_head=0.01"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -313,6 +321,48 @@ def test_finetune_cli_end_to_end(model_dir, colours, tmp_path, capsys) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["num_val"] == 6 and summary["data"]["num_train"] == 18  # 2 of 8 per class carved
     assert summary["test"] == {} and [r["alpha"] for r in summary["wise"]] == [0.0, 1.0]
+
+
+def test_auto_precision_is_recorded_as_the_precision_that_ran(
+    model_dir, colours, tmp_path, monkeypatch
+) -> None:
+    """With native bf16 (patched: never the host's), auto runs in bf16, and the run records bf16 (and that
+    auto was asked for) in config.yaml, the checkpoint and summary.json."""
+    import yaml
+
+    monkeypatch.setattr("clipcraft.precision.cpu_has_native_bf16", lambda: True)
+    out = tmp_path / "bf16"
+    config = _config(model_dir, colours, out, epochs=1, precision="auto", alphas=(0.0, 1.0))
+    assert config.run.precision == "auto"
+    result = finetune(config)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["precision"] == "bf16" and "auto requested" in (out / "config.yaml").read_text()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["config"]["precision"] == checkpoint["precision"] == "bf16"
+    assert checkpoint["precision_requested"] == "auto"
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        (summary["precision"], summary["precision_requested"])
+        == ("bf16", "auto")
+        == (
+            result.summary["precision"],
+            result.summary["precision_requested"],
+        )
+    )
+    assert summary["device"] == "cpu"
+
+
+def test_config_shares_the_training_sections_with_its_own_defaults(tmp_path) -> None:
+    from clipcraft.train.config import OptimConfig, RunConfig, TrainConfig
+
+    config = FinetuneConfig.from_dict({"model": "m", "train": "t", "epochs": 3, "optim.eps": 1e-7})
+    assert isinstance(config.optim, OptimConfig) and isinstance(config.run, RunConfig)
+    assert (config.optim.epochs, config.optim.eps, config.optim.betas) == (3, 1e-7, (0.9, 0.999))
+    assert config.optim.betas != TrainConfig().optim.betas  # fine-tuning's defaults, not training's
+    assert config.run.output_dir == "runs/finetune" and config.loader.num_workers == 0
+    assert FinetuneConfig.from_dict(config.to_dict()) == config  # the flat form round-trips
+    with pytest.raises(ClipcraftError, match="Unknown config key.*lr_heads"):
+        FinetuneConfig.from_dict({"lr_heads": 1e-3})
 
 
 def test_help_has_an_example_and_registration_is_light(capsys) -> None:
@@ -342,7 +392,7 @@ def _fails_before_work(argv: list[str], out: Path, capsys, *needles: str) -> Non
 def test_one_class_only_is_an_error(model_dir, tmp_path, capsys) -> None:
     train = _write_split(tmp_path / "train", 4, 0, {"red": COLOURS["red"]})
     out = tmp_path / "out"
-    argv = ["finetune", "--model", str(model_dir), "--train", str(train), "--out", str(out)]
+    argv = ["finetune", "--model", str(model_dir), "--train", str(train), "--output-dir", str(out)]
     _fails_before_work(argv, out, capsys, "one class", "'red'", "at least two")
 
 
@@ -353,16 +403,24 @@ def test_class_folders_differing_between_train_and_test_is_an_error(
     out = tmp_path / "out"
     argv = ["finetune", "--model", str(model_dir), "--train", str(colours / "train"), "--test", str(test)]
     _fails_before_work(
-        [*argv, "--out", str(out)], out, capsys, "differ", "only in train: ['blue', 'green']", "purple"
+        [*argv, "--output-dir", str(out)], out, capsys, "differ", "only in train: ['blue', 'green']", "purple"
     )
     argv = ["finetune", "--model", str(model_dir), "--train", str(colours / "train"), "--val", str(test)]
-    _fails_before_work([*argv, "--out", str(out)], out, capsys, "differ", "only in val: ['purple']")
+    _fails_before_work([*argv, "--output-dir", str(out)], out, capsys, "differ", "only in val: ['purple']")
 
 
 @pytest.mark.parametrize("alphas", ["0,1.5", "-0.1", "0,nan", "0,x"])
 def test_alpha_outside_0_1_is_an_error(model_dir, colours, tmp_path, capsys, alphas) -> None:
     out = tmp_path / "out"
-    argv = ["finetune", "--model", str(model_dir), "--train", str(colours / "train"), "--out", str(out)]
+    argv = [
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--train",
+        str(colours / "train"),
+        "--output-dir",
+        str(out),
+    ]
     _fails_before_work([*argv, "--alphas", alphas], out, capsys, "alpha")
     with pytest.raises(ClipcraftError):
         check_alphas([])
@@ -372,7 +430,7 @@ def test_empty_class_folder_is_an_error(model_dir, colours, tmp_path, capsys) ->
     train = _write_split(tmp_path / "train", 3, 0)
     (train / "yellow").mkdir()
     out = tmp_path / "out"
-    argv = ["finetune", "--model", str(model_dir), "--train", str(train), "--out", str(out)]
+    argv = ["finetune", "--model", str(model_dir), "--train", str(train), "--output-dir", str(out)]
     _fails_before_work(argv, out, capsys, "hold no image files", "yellow")
 
 
@@ -380,17 +438,17 @@ def test_other_bad_setups_are_errors(model_dir, colours, trained, tmp_path, caps
     base = ["finetune", "--model", str(model_dir), "--train", str(colours / "train")]
     out = tmp_path / "out"
     _fails_before_work(
-        [*base, "--out", str(out), "--model", str(tmp_path / "none")], out, capsys, "not found"
+        [*base, "--output-dir", str(out), "--model", str(tmp_path / "none")], out, capsys, "not found"
     )
-    _fails_before_work([*base], out, capsys, "--out OUT_DIR")
-    _fails_before_work([*base, "--out", str(model_dir)], out, capsys, "is the model being fine-tuned")
+    _fails_before_work([*base], out, capsys, "--output-dir OUT_DIR")
+    _fails_before_work([*base, "--output-dir", str(model_dir)], out, capsys, "is the model being fine-tuned")
     before = (trained.output_dir / "metrics.jsonl").read_text()
-    assert main([*base, "--out", str(trained.output_dir)]) == 2
+    assert main([*base, "--output-dir", str(trained.output_dir)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (trained.output_dir / "metrics.jsonl").read_text() == before  # the earlier run is untouched
     tiny = _write_split(tmp_path / "tiny", 1, 0)  # one image a class: nothing to carve for validation
     _fails_before_work(
-        ["finetune", "--model", str(model_dir), "--train", str(tiny), "--out", str(out)],
+        ["finetune", "--model", str(model_dir), "--train", str(tiny), "--output-dir", str(out)],
         out,
         capsys,
         "no validation image",

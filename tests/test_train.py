@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from clipcraft.config import TrainConfig
 from clipcraft.demo import COLORS, HELD_OUT, SHAPES, write_scene_dataset
 from clipcraft.errors import ClipcraftError
 from clipcraft.model import load
 from clipcraft.train import train
 from clipcraft.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from clipcraft.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ def _config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
         "lr_text_tower": 1e-3,
         "log_every": 1,
         "example_sheet": False,
+        "precision": "fp32",  # "auto" would pick bf16 on a CPU with bf16 units: pin the numbers
         "model_overrides": {"head.dropout": 0.1},  # dropout draws from the RNG: resume must restore it
     }
     base.update(overrides)
@@ -143,7 +144,7 @@ def test_a_kill_during_checkpointing_leaves_the_previous_checkpoint_loadable(
     config = _config(scenes, run, epochs=200, checkpoint_every=1, val_split=None)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     code = (
-        "import json, sys; from clipcraft.config import TrainConfig; from clipcraft.train import train; "
+        "import json, sys; from clipcraft.train.config import TrainConfig; from clipcraft.train import train; "
         "c = TrainConfig.from_dict(json.load(open(sys.argv[1]))); "
         "train(c, resume=sys.argv[2] if len(sys.argv) > 2 else None)"
     )
@@ -277,7 +278,7 @@ def test_distributed_two_cpu_processes_match_one_process_with_the_global_batch(
     config = _config(scenes, tmp_path / "ddp", batch_size=4, **common)
     (tmp_path / "ddp.json").write_text(json.dumps(config.to_dict()))
     code = (
-        "import json, sys; from clipcraft.config import TrainConfig; from clipcraft.train import train; "
+        "import json, sys; from clipcraft.train.config import TrainConfig; from clipcraft.train import train; "
         "train(TrainConfig.from_dict(json.load(open(sys.argv[1]))))"
     )
     script = tmp_path / "run_ddp.py"
@@ -339,7 +340,7 @@ def test_shipped_configs_are_valid_train_configs(name: str) -> None:
 
     config = TrainConfig.from_dict(load_config_file(Path(__file__).parents[1] / "configs" / name))
     if name == "seed.yaml":
-        assert config.model == "seed" and config.lr_heads == 1e-3
+        assert config.model == "seed" and config.lr_heads == 1e-3 and config.optim.epochs == 5
         assert config.lr_image_tower == config.lr_text_tower == 1e-5  # each tower its own rate
     else:
         assert config.lock_text and config.data.endswith("flickr8k")
@@ -409,7 +410,7 @@ def test_gradient_checkpointing_is_switched_on_in_both_towers() -> None:
 
 
 def test_config_sources_take_precedence_in_order(tmp_path: Path) -> None:
-    from clipcraft.config import gather_config
+    from clipcraft.train.config import gather_config
 
     (tmp_path / "c.yaml").write_text("epochs: 3\nbatch_size: 8\nseed: 1\n")
     data = gather_config(None, tmp_path / "c.yaml", {"seed": 2, "data": None}, ["batch_size=4"])
@@ -417,7 +418,7 @@ def test_config_sources_take_precedence_in_order(tmp_path: Path) -> None:
 
 
 def test_override_sets_one_entry_of_a_mapping_field(tmp_path: Path) -> None:
-    from clipcraft.config import gather_config
+    from clipcraft.train.config import gather_config
 
     (tmp_path / "c.yaml").write_text("model_overrides:\n  image.model_kwargs: {img_size: 96}\n")
     overrides = [
@@ -448,3 +449,115 @@ def test_train_command_runs_and_resumes_from_the_run_directory(scenes: Path, tmp
     assert load_checkpoint(run)["state"]["step"] == 2
     assert main(["train", "--resume", str(run), "max_steps=null"]) == 0
     assert load_checkpoint(run)["state"]["step"] == 6
+
+
+def test_model_overrides_may_not_set_what_a_training_field_owns(scenes: Path, tmp_path: Path) -> None:
+    """Tower locking has one owner, the training fields: a model_overrides entry that sets it used to be
+    overwritten silently by lock_image=false."""
+    for key, field_name in (("image.lock", "lock_image"), ("text.unlocked_groups", "text_unlocked_groups")):
+        with pytest.raises(ClipcraftError, match=field_name):
+            train(_config(scenes, tmp_path / "run", model_overrides={key: True}))
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before any work
+
+
+def test_the_best_model_is_scored_on_the_runs_device(
+    scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test split is scored with the best model reloaded onto the run's device, not onto the CPU that
+    ``load`` defaults to (on a CUDA run the test split was scored on the CPU)."""
+    import clipcraft.train.loop as loop
+
+    real_load, devices = loop.load, []
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        devices.append(kwargs.get("device", args[0] if args else None))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "load", spy)
+    result = train(_config(scenes, tmp_path / "run", epochs=1, device="cpu"))
+    assert result.best_model is not None and devices == [torch.device("cpu")]
+
+
+def test_auto_precision_is_recorded_as_the_precision_that_ran(
+    scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With native bf16 (patched: never the host's), auto resolves once to bf16, and the run records bf16
+    (and that auto was asked for) in config.yaml, the checkpoint and summary.json."""
+    import yaml
+
+    monkeypatch.setattr("clipcraft.precision.cpu_has_native_bf16", lambda: True)
+    run = tmp_path / "run"
+    result = train(_config(scenes, run, epochs=1, batch_size=8, precision="auto"))
+    assert TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())).run.precision == "bf16"
+    assert "auto requested, bf16 ran on cpu" in (run / "config.yaml").read_text()
+    checkpoint = load_checkpoint(run)
+    assert checkpoint["config"]["precision"] == checkpoint["precision"] == "bf16"
+    assert checkpoint["precision_requested"] == "auto"
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["precision"], summary["precision_requested"], summary["device"]) == (
+        "bf16",
+        "auto",
+        "cpu",
+    )
+    assert result.steps == 3
+
+
+def test_open_runtime_resolves_the_device_and_precision_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipcraft.precision import Precision
+    from clipcraft.train.runtime import open_runtime, single_process_runtime
+
+    monkeypatch.setattr("clipcraft.precision.cpu_has_native_bf16", lambda: False)
+    with open_runtime("cpu", "auto") as rt:
+        assert (rt.device, rt.precision, rt.precision_requested) == (
+            torch.device("cpu"),
+            Precision.FP32,
+            "auto",
+        )
+        assert rt.is_main and not rt.distributed and rt.min_int(5) == 5
+    monkeypatch.setattr("clipcraft.precision.cpu_has_native_bf16", lambda: True)
+    assert single_process_runtime("cpu", "auto").precision is Precision.BF16
+    assert single_process_runtime("cpu", "fp32").precision is Precision.FP32
+    with pytest.raises(ClipcraftError, match="precision must be one of"):
+        single_process_runtime("cpu", "fp16")
+
+
+def test_flat_dotted_and_nested_keys_build_the_same_config() -> None:
+    flat = TrainConfig.from_dict({"epochs": 2, "seed": 3, "num_workers": 0, "lock_text": True})
+    dotted = TrainConfig.from_dict(
+        {"optim.epochs": 2, "run.seed": 3, "loader.num_workers": 0, "lock_text": True}
+    )
+    nested = TrainConfig.from_dict(
+        {"optim": {"epochs": 2}, "run": {"seed": 3}, "loader": {"num_workers": 0}, "lock_text": True}
+    )
+    assert flat == dotted == nested
+    assert (flat.optim.epochs, flat.run.seed, flat.loader.num_workers, flat.optim.batch_size) == (2, 3, 0, 64)
+    assert TrainConfig.from_dict(flat.to_dict()) == flat and "epochs" in flat.to_dict()
+
+
+def test_shared_fields_are_declared_once() -> None:
+    """Each key a user writes names one field: the job's own or one section's, never both."""
+    import dataclasses
+
+    from clipcraft.finetune.config import FinetuneConfig
+    from clipcraft.train.config import SECTIONS
+
+    section_fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert len(section_fields) == len(set(section_fields))
+    for job in (TrainConfig, FinetuneConfig):
+        own = {f.name for f in dataclasses.fields(job)} - set(SECTIONS)
+        assert not own & set(section_fields), job
+        assert {f.name: f.type for f in dataclasses.fields(job) if f.name in SECTIONS} == {
+            "optim": "OptimConfig",
+            "loader": "LoaderConfig",
+            "run": "RunConfig",
+        }
+
+
+def test_tower_locking_has_one_owner() -> None:
+    from clipcraft.train.config import tower_overrides
+
+    assert tower_overrides({"embed_dim": 8}, lock_image=True) == {"embed_dim": 8, "image.lock": True}
+    with pytest.raises(ClipcraftError, match="lock_text"):
+        tower_overrides({"text": {"lock": True}}, lock_text=False)
+    with pytest.raises(ClipcraftError, match="grad_checkpointing"):
+        tower_overrides({"image.grad_checkpointing": True})

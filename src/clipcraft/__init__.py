@@ -24,11 +24,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from clipcraft.config import ModelConfig, TrainConfig
+    from clipcraft.config import ModelConfig
     from clipcraft.evaluation.zeroshot import ZeroShotClassifier
     from clipcraft.model import ClipModel, ClipOutput, create_model, load
     from clipcraft.presets import list_presets
     from clipcraft.search.index import Index
+    from clipcraft.train.config import TrainConfig
 
 _LAZY = {
     "ClipModel": "clipcraft.model",
@@ -36,7 +37,7 @@ _LAZY = {
     "create_model": "clipcraft.model",
     "load": "clipcraft.model",
     "ModelConfig": "clipcraft.config",
-    "TrainConfig": "clipcraft.config",
+    "TrainConfig": "clipcraft.train.config",
     "Index": "clipcraft.search.index",
     "ZeroShotClassifier": "clipcraft.evaluation.zeroshot",
     "list_presets": "clipcraft.presets",

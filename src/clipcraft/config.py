@@ -2,7 +2,9 @@
 
 A :class:`ModelConfig` fully describes a model: which towers, how they are built, how their inputs are
 preprocessed, and the heads on top. It is written next to every saved model (``config.json``) so a model
-reloads exactly as it was trained, with no network.
+reloads exactly as it was trained, with no network. Also here: the generic helpers every job's config uses
+(:func:`from_dict`, :func:`apply_overrides`, :func:`load_config_file`, :func:`parse_override`). Job configs
+live with their jobs (:mod:`clipcraft.train.config`, :mod:`clipcraft.finetune.config`).
 """
 
 from __future__ import annotations
@@ -155,70 +157,6 @@ def apply_overrides(config: T, overrides: dict[str, Any]) -> T:
     return from_dict(type(config), data)
 
 
-@dataclass
-class TrainConfig:
-    """One training run. Every field has a default; ``clipcraft train --config FILE key=value ...``."""
-
-    # -- model
-    model: str = "minilm-vit-tiny"  # preset name or saved model directory
-    pretrained: bool | None = None  # None: the preset's default per tower
-    image_checkpoint: str | None = None  # local weights file for the image tower
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted ModelConfig keys
-    lock_image: bool = False  # LiT: freeze the image tower ...
-    image_unlocked_groups: int = 0  # ... except its last N blocks
-    lock_text: bool = False
-    text_unlocked_groups: int = 0
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    patch_dropout: float = 0.0  # drop this fraction of each training image's patch tokens (timm ViTs, FLIP)
-    # -- data
-    data: str = ""  # dataset path (format detected; see clipcraft.data)
-    data_format: str | None = None  # override detection: flickr | table | coco | imagefolder | webdataset
-    data_options: dict[str, Any] = field(default_factory=dict)  # reader options (columns, image_root, ...)
-    train_split: str = "auto"  # auto: "train" for formats with splits, else "all"
-    val_data: str | None = None  # None: the validation split of `data`
-    val_split: str | None = "auto"  # auto: "dev"/"validation" when the format has one; None: no validation
-    augment: bool = True  # random resized crop while training
-    crop_scale: tuple[float, float] = TRAIN_CROP_SCALE  # area fraction range of the random crop
-    hflip: float = 0.0  # horizontal flip probability while training (0: captions say "left" and "right")
-    max_bad_fraction: float = 0.05  # fail before training when more of the data is bad
-    check_images: str = "header"  # none | header | decode: how hard to look at images before training
-    num_workers: int = 2  # data loader processes
-    # -- optimisation
-    epochs: int = 5
-    max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps in all
-    batch_size: int = 64  # pairs per optimizer step, per process
-    grad_accum_steps: int = 1  # split each batch into micro-batches; the loss stays the full-batch loss
-    lr_image_tower: float = 1e-5
-    lr_text_tower: float = 1e-5
-    lr_heads: float = 1e-3  # heads, and the logit scale and bias
-    weight_decay: float = 0.1  # not applied to 1-D parameters (norms, biases, logit scale)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100  # linear warmup, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.0
-    grad_clip_norm: float | None = None
-    loss: str = "clip"  # clip | siglip
-    captions_per_image: int = 1  # captions of each image in every step (k > 1 needs a cached text tower)
-    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
-    feature_cache: bool = True  # cache features of locked towers whose input is not augmented
-    cache_dir: str | None = None  # default: <output_dir>/feature-cache
-    # -- run
-    output_dir: str = "runs/train"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10  # steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    eval_batch_size: int = 64
-    example_sheet: bool = True  # PNG of a few captions with their top-5 images at the end
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return from_dict(cls, data)
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML or JSON mapping from ``path`` (by extension; YAML also reads JSON)."""
     p = Path(path)
@@ -248,35 +186,3 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip().replace("-", "_"), value
-
-
-# Config fields holding a mapping: a `field.key=value` override sets one entry in them.
-MAPPING_FIELDS = ("model_overrides", "data_options")
-
-
-def gather_config(
-    resume: str | Path | None,
-    config_file: str | Path | None,
-    flags: dict[str, Any],
-    overrides: list[str] | tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """The config mapping a command runs with, from its sources in increasing precedence: the config saved in
-    the checkpoint of the run being resumed, a YAML/JSON file, command-line flags (None values are left
-    out) and ``key=value`` overrides; ``model_overrides.KEY=value`` and ``data_options.KEY=value`` set one
-    entry of those mappings and keep the rest."""
-    data: dict[str, Any] = {}
-    if resume is not None:
-        from clipcraft.train.checkpoint import load_checkpoint
-
-        data.update(load_checkpoint(resume)["config"])
-    if config_file is not None:
-        data.update(load_config_file(config_file))
-    data.update({key: value for key, value in flags.items() if value is not None})
-    for item in overrides:
-        key, value = parse_override(item)
-        head, dot, rest = key.partition(".")
-        if dot and head in MAPPING_FIELDS:  # model_overrides.embed_dim=512: one entry, the others kept
-            data[head] = {**(data.get(head) or {}), rest: value}
-        else:
-            data[key] = value
-    return data

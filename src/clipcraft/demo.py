@@ -213,10 +213,10 @@ def run_demo(
     held-out (colour, shape) pairs. Returns the numbers it prints, also written to ``<run>/demo.json``."""
     import json
 
-    from clipcraft.config import TrainConfig
     from clipcraft.evaluation.zeroshot import ZeroShotClassifier
     from clipcraft.model import load
     from clipcraft.train import train
+    from clipcraft.train.config import TrainConfig
 
     start = time.perf_counter()
     out = Path(out_dir)

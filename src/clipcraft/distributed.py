@@ -1,7 +1,7 @@
 """Which process this is in a distributed run, and gathering tensors from every rank with gradient.
 
 Core helpers with no set-up of their own: the process group is created at the edge of a job (see
-``clipcraft.train.distributed``); outside one, this process is rank 0 of a world of 1.
+``clipcraft.train.runtime``); outside one, this process is rank 0 of a world of 1.
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ import argparse
 from typing import Any
 
 from clipcraft.errors import ClipcraftError
+from clipcraft.train.config import DEVICE_HELP, PRECISION_HELP
 
 EPILOG = """Examples:
   clipcraft finetune --model runs/flickr8k/best --train ../shared/data/cifar10/train \\
-      --test ../shared/data/cifar10/test --out runs/cifar10-ft
-  clipcraft finetune --model M --train data/train --val data/val --out OUT --epochs 5 --alphas 0,0.25,0.5,0.75,1
+      --test ../shared/data/cifar10/test --output-dir runs/cifar10-ft
+  clipcraft finetune --model M --train data/train --val data/val --output-dir OUT --epochs 5 --alphas 0,0.25,0.5,0.75,1
   clipcraft finetune --resume runs/cifar10-ft max_steps=null
   clipcraft classify --model runs/cifar10-ft photo.jpg        # uses the fine-tuned head
 
@@ -32,7 +33,7 @@ _FLAGS = {
     "train": "train",
     "val": "val",
     "test": "test",
-    "out": "output_dir",
+    "output_dir": "output_dir",
     "val_fraction": "val_fraction",
     "epochs": "epochs",
     "batch_size": "batch_size",
@@ -65,7 +66,10 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         "--val", default=None, help="validation class folder; default: carve --val-fraction of train"
     )
     p.add_argument("--test", default=None, help="test class folder, scored once at the end")
-    p.add_argument("--out", default=None, help="output directory: the run, then the fine-tuned model")
+    p.add_argument(
+        "--output-dir", default=None, help="run directory, then the fine-tuned model (same flag as train)"
+    )
+    p.add_argument("--out", dest="output_dir", default=None, help=argparse.SUPPRESS)  # deprecated alias
     p.add_argument("--val-fraction", type=float, default=None, help="share of train held out (default 0.1)")
     p.add_argument("--epochs", type=int, default=None, help="most epochs (default 10)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
@@ -85,14 +89,14 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--classnames", default=None, help="file mapping folder<TAB>readable name, one per line")
     p.add_argument("--templates", default=None, help="prompt templates, one per line with {}")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default 0)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="default auto")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help=PRECISION_HELP)
     p.add_argument(
         "--seed", type=int, default=None, help="seed of the val split, data order and augmentation"
     )
     p.add_argument("--config", default=None, help="YAML or JSON file of FinetuneConfig fields")
     p.add_argument("--resume", default=None, metavar="OUT_DIR", help="continue the run in OUT_DIR exactly")
-    p.add_argument("--overwrite", action="store_true", help="replace a run or model already in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a run or model already in --output-dir")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. warmup_steps=20")
     p.set_defaults(func=_run)
 
@@ -113,15 +117,17 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from clipcraft.config import gather_config
     from clipcraft.finetune.config import FinetuneConfig
+    from clipcraft.train.config import gather_config
 
     flags = {key: getattr(args, flag) for flag, key in _FLAGS.items()}
     flags["alphas"] = parse_alphas(args.alphas) if args.alphas is not None else None
     flags["overwrite"] = True if args.overwrite else None
     data = gather_config(args.resume, args.config, flags, args.overrides)
     if args.resume is None and (not data.get("model") or not data.get("train") or not data.get("output_dir")):
-        raise ClipcraftError("Give --model MODEL_DIR, --train DIR and --out OUT_DIR (or --resume OUT_DIR).")
+        raise ClipcraftError(
+            "Give --model MODEL_DIR, --train DIR and --output-dir OUT_DIR (or --resume OUT_DIR)."
+        )
     config = FinetuneConfig.from_dict(data)
     config.check()  # bad values fail here, before torch loads
 

@@ -1,18 +1,20 @@
 """The settings of one fine-tuning run, as a dataclass with a default for every field.
 
 ``clipcraft finetune`` fills one from flags, an optional YAML/JSON file and ``key=value`` overrides; the
-resolved config is written to ``config.yaml`` in the output directory and stored in every checkpoint.
+resolved config is written to ``config.yaml`` in the output directory and stored in every checkpoint. The
+optimiser, run and loader sections are the training job's (:mod:`clipcraft.train.config`), with
+fine-tuning's defaults.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from clipcraft.config import TrainConfig, from_dict
 from clipcraft.errors import ClipcraftError
+from clipcraft.train.config import LoaderConfig, OptimConfig, RunConfig, from_flat, to_flat
 
 # Mixing coefficients tried by weight-space ensembling: 0 is the zero-shot model, 1 the fine-tuned one.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -20,53 +22,51 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
 @dataclass
 class FinetuneConfig:
-    """One fine-tuning run. Every field has a default; the data and model paths must be given."""
+    """One fine-tuning run. Every field has a default; the data and model paths must be given. Build one
+    from flat keys with :meth:`from_dict` (``{"model": ..., "epochs": 3}``): the shared sections are filled
+    from their fields' names, as in :class:`~clipcraft.train.config.TrainConfig`."""
 
     # -- model and data
     model: str = ""  # saved clipcraft model directory to start from
     train: str = ""  # folder with one subfolder of images per class
     val: str | None = None  # class folder for validation; None: carve val_fraction out of `train`
     test: str | None = None  # class folder scored once at the end; None: no test split
-    output_dir: str = "runs/finetune"  # run directory, and the fine-tuned model directory at the end
     classnames_file: str | None = None  # folder<TAB>readable name per line; None: folder names, _ -> space
     templates_file: str | None = None  # prompt templates for the zero-shot head; None: the built-in set
     val_fraction: float = 0.1  # share of every training class held out when `val` is None
     limit_per_class: int | None = None  # use the first N images (by file name) of each class in every split
-    augment: bool = True  # random resized crop + colour jitter on training images
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # area fraction range of the random crop
-    num_workers: int = 0  # data loader processes (0: load in the training process)
     lock_image: bool = False  # freeze the image tower: train its projection head and the classifier only
-    # -- optimisation
-    epochs: int = 10
-    max_steps: int | None = None  # stop (with a checkpoint, resumable) after this many optimizer steps
-    batch_size: int = 32
+    # -- learning
     lr_tower: float = 1e-5  # image tower and its projection head: the pretrained encoder moves slowly
     lr_head: float = 1e-3  # classifier head (starts at the zero-shot text embeddings)
-    weight_decay: float = 0.1  # not applied to 1-D parameters (norms, biases)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 50  # linear warmup, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.0
     label_smoothing: float = 0.0
-    grad_clip_norm: float | None = 1.0  # None: no clipping
     patience: int = 3  # stop after this many epochs without a better val top-1 (0: never stop early)
-    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
     # -- weight-space ensembling
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # each in [0, 1]; the best on val is saved
-    # -- run
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10  # steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    eval_batch_size: int = 64
     overwrite: bool = False  # allow an output_dir that already holds a run or a model
+    # -- shared sections, with fine-tuning's defaults
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            epochs=10,
+            batch_size=32,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            warmup_steps=50,
+            grad_clip_norm=1.0,
+        )
+    )
+    loader: LoaderConfig = field(
+        default_factory=lambda: LoaderConfig(crop_scale=(0.5, 1.0), num_workers=0)  # + colour jitter
+    )
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/finetune"))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat mapping users write (what ``config.yaml`` and checkpoints hold)."""
+        return to_flat(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        return from_dict(cls, data)
+    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneConfig:
+        return from_flat(cls, data)
 
     def check(self) -> None:
         """Raise :class:`ClipcraftError` naming the first field that cannot work; reads no files."""
@@ -79,34 +79,22 @@ class FinetuneConfig:
             raise ClipcraftError(
                 f"val_fraction must be in (0, 1) when no --val is given; got {self.val_fraction}."
             )
+        values = {**to_flat(self)}
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ClipcraftError(f"{name} must be >= 1; got {getattr(self, name)}.")
+            if values[name] < 1:
+                raise ClipcraftError(f"{name} must be >= 1; got {values[name]}.")
         for name, value in (("lr_tower", self.lr_tower), ("lr_head", self.lr_head)):
             if not (math.isfinite(value) and value >= 0):
                 raise ClipcraftError(f"{name} must be a finite number >= 0; got {value}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ClipcraftError(f"max_steps must be >= 1 or null; got {self.max_steps}.")
+        if self.run.max_steps is not None and self.run.max_steps < 1:
+            raise ClipcraftError(f"max_steps must be >= 1 or null; got {self.run.max_steps}.")
         if self.limit_per_class is not None and self.limit_per_class < 1:
             raise ClipcraftError(f"limit_per_class must be >= 1 or null; got {self.limit_per_class}.")
         for name in ("patience", "warmup_steps", "checkpoint_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ClipcraftError(f"{name} must be >= 0; got {getattr(self, name)}.")
+            if values[name] < 0:
+                raise ClipcraftError(f"{name} must be >= 0; got {values[name]}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ClipcraftError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}.")
-
-    def optim_config(self) -> TrainConfig:
-        """The optimizer and schedule fields in the shape :mod:`clipcraft.train.optim` reads, so fine-tuning
-        uses the training loop's AdamW parameter groups and warmup + cosine schedule."""
-        return TrainConfig(
-            lr_image_tower=self.lr_tower,
-            lr_heads=self.lr_head,
-            weight_decay=self.weight_decay,
-            betas=tuple(self.betas),  # type: ignore[arg-type]
-            eps=self.eps,
-            warmup_steps=self.warmup_steps,
-            min_lr_ratio=self.min_lr_ratio,
-        )
 
 
 def check_alphas(alphas: Any) -> list[float]:

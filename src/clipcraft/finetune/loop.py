@@ -2,18 +2,16 @@
 
 The order of events: check the config and the data (every error before any work), load the model and build
 the zero-shot head, validate at step 0 (zero-shot accuracy), train the image tower and head with the
-training loop's pieces (AdamW parameter groups, warmup + cosine schedule, :class:`RunLog` metrics and
-progress, atomic checkpoints with RNG state), validate every epoch and stop early, then mix the best
+training job's pieces (the runtime, the run helper for seeding, resume, atomic checkpoints, metrics,
+max_steps and progress, AdamW parameter groups, warmup + cosine schedule), validate every epoch and stop early, then mix the best
 fine-tuned weights with the zero-shot ones over a grid of alphas (WiSE-FT), keep the mix that validates
 best, score the test split and save the result as a model directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,16 +35,13 @@ from clipcraft.finetune.data import (
     read_classification_data,
 )
 from clipcraft.finetune.wise import best_alpha, interpolate_weights, sweep_alphas
-from clipcraft.precision import as_precision, autocast, resolve_precision
-from clipcraft.train.checkpoint import (
-    CHECKPOINT_FILE,
-    atomic_torch_save,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
+from clipcraft.precision import as_precision
+from clipcraft.train.checkpoint import CHECKPOINT_FILE, atomic_torch_save, load_checkpoint
+from clipcraft.train.config import tower_overrides
+from clipcraft.train.optim import build_optimizer as adamw
 from clipcraft.train.optim import build_scheduler, param_groups
-from clipcraft.train.runlog import RunLog
+from clipcraft.train.run import Run, seed_everything
+from clipcraft.train.runtime import single_process_runtime
 
 BEST_WEIGHTS = "best-finetuned.pt"  # the fine-tuned weights of the best validation epoch (alpha = 1)
 SUMMARY_FILE = "summary.json"
@@ -106,12 +101,14 @@ def build_optimizer(classifier: ImageClassifier, config: FinetuneConfig) -> torc
     """AdamW over :func:`clipcraft.train.optim.param_groups`: the image tower and its projection head at
     ``lr_tower``, the classifier head at ``lr_head``; weight decay on matrices only. Frozen parameters (the
     text side; the image tower with ``lock_image``) are left out."""
-    view = config.optim_config()
-    encoder = param_groups(classifier.model, dataclasses.replace(view, lr_heads=config.lr_tower))
-    head = param_groups(classifier.head, view)
+    decay = config.optim.weight_decay
+    encoder = param_groups(
+        classifier.model, {"image_tower": config.lr_tower, "heads": config.lr_tower}, decay
+    )
+    head = param_groups(classifier.head, {"heads": config.lr_head}, decay)
     groups = [{**g, "name": g["name"].replace("heads", "image_head")} for g in encoder]
     groups += [{**g, "name": g["name"].replace("heads", "classifier")} for g in head]
-    return torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps)  # type: ignore[arg-type]
+    return adamw(groups, config.optim)
 
 
 def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = None) -> FinetuneResult:
@@ -130,8 +127,9 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
     """
     start_time = time.perf_counter()
     config.check()
+    overrides = tower_overrides(lock_image=config.lock_image)  # the training job's owner of tower locking
     checkpoint = load_checkpoint(resume) if resume is not None else None
-    run_dir = Path(resume) if resume is not None else Path(config.output_dir)
+    run_dir = Path(resume) if resume is not None else Path(config.run.output_dir)
     if (
         checkpoint is not None
         and (run_dir / SUMMARY_FILE).is_file()
@@ -145,7 +143,7 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         classnames_file=config.classnames_file,
         val_fraction=config.val_fraction,
         limit_per_class=config.limit_per_class,
-        seed=config.seed,
+        seed=config.run.seed,
     )
     templates = None
     if config.templates_file is not None:
@@ -157,36 +155,12 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
     if checkpoint is None:
         _prepare_output(run_dir, config)
 
-    # -- set up once: device, precision, log, model with its zero-shot head
+    # -- set up once: the runtime (device, precision), the run, the model with its zero-shot head
     from clipcraft.model import load
-    from clipcraft.train.distributed import resolve_device
 
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    log = RunLog(run_dir, True, resume_step=checkpoint["state"]["step"] if checkpoint else None)
-    log.write_config(config)
-    _seed_everything(config.seed)
-    model = load(config.model, device=device, overrides={"image.lock": config.lock_image})
-    classifier = ImageClassifier.from_zeroshot(model, data.classnames, templates, data.keys)
-    zeroshot_state = {k: v.detach().clone() for k, v in classifier.trainable_state().items()}
-
-    def evaluate(images: LabelledImages) -> dict[str, float]:
-        return evaluate_classifier(
-            classifier,
-            images,
-            batch_size=config.eval_batch_size,
-            precision=precision,
-            workers=config.num_workers,
-        )
-
-    steps_per_epoch = batches_per_epoch(len(data.train), config.batch_size)
-    optimizer = build_optimizer(classifier, config)
-    scheduler = build_scheduler(optimizer, config.optim_config(), steps_per_epoch * config.epochs)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,  # epochs completed
-        "batch": 0,  # batches of the current epoch consumed
+    rt = single_process_runtime(config.run.device, config.run.precision)
+    device, precision = rt.device, rt.precision
+    job_state = {
         "best_epoch": 0,  # 0: the zero-shot head validated best so far
         "best_val": None,
         "zeroshot_val": None,
@@ -194,57 +168,70 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         "stopped_early": False,
         "skipped": 0,  # training images that failed to load
     }
+    run = Run(run_dir, rt, config.run, config.to_dict(), job_state, checkpoint)
+    log, state = run.log, run.state
+    seed_everything(config.run.seed)
+    model = load(config.model, device=device, overrides=overrides)
+    classifier = ImageClassifier.from_zeroshot(model, data.classnames, templates, data.keys)
+    zeroshot_state = {k: v.detach().clone() for k, v in classifier.trainable_state().items()}
+
+    def evaluate(images: LabelledImages) -> dict[str, float]:
+        return evaluate_classifier(
+            classifier,
+            images,
+            batch_size=config.loader.eval_batch_size,
+            precision=precision,
+            workers=config.loader.num_workers,
+        )
+
+    epochs, batch_size = config.optim.epochs, config.optim.batch_size
+    steps_per_epoch = batches_per_epoch(len(data.train), batch_size)
+    optimizer = build_optimizer(classifier, config)
+    scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch * epochs)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if checkpoint is not None:
         classifier.load_trainable_state(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        state.update(checkpoint["state"])
-        set_rng_state(checkpoint["rng"])
-        log.info(
-            f"Resumed {run_dir} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})."
-        )
+        run.restore()
     else:
         state["zeroshot_val"] = state["best_val"] = evaluate(data.val)
         log.metrics({"type": "val", "step": 0, "epoch": 0, **_prefixed(state["zeroshot_val"], "val_")})
         log.info(f"step 0, zero-shot head: val top-1 {state['zeroshot_val']['top1']:.4f}")
 
-    def save_checkpoint() -> None:
-        atomic_torch_save(
-            {
-                "model": classifier.trainable_state(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": dict(state),
-                "rng": rng_state(),
-                "config": config.to_dict(),
-            },
-            run_dir / CHECKPOINT_FILE,
-        )
+    def training_state() -> dict[str, Any]:
+        return {
+            "model": classifier.trainable_state(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
 
     # -- the loop
-    augment = model.image_transform(train=True, scale=tuple(config.crop_scale)) if config.augment else None
-    items = TrainImages(data.train, augment or model.image_transform(train=False), config.seed)
+    loader_config = config.loader
+    augment = (
+        model.image_transform(train=True, scale=tuple(loader_config.crop_scale))
+        if loader_config.augment
+        else None
+    )
+    items = TrainImages(data.train, augment or model.image_transform(train=False), config.run.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     log.info(
         f"{len(data.train)} training images in {len(data.keys)} classes, {len(data.val)} for validation; "
-        f"up to {config.epochs} epochs x {steps_per_epoch} steps of {config.batch_size}, precision {precision}"
+        f"up to {epochs} epochs x {steps_per_epoch} steps of {batch_size}, precision {precision}"
     )
-    out_of_steps = False
-    while state["epoch"] < config.epochs and not state["stopped_early"] and not out_of_steps:
+    while state["epoch"] < epochs and not state["stopped_early"] and not run.out_of_steps():
         epoch = state["epoch"]
         loader = DataLoader(
             items,  # type: ignore[arg-type]
-            batch_sampler=EpochBatches(len(items), config.batch_size, config.seed, epoch, state["batch"]),
+            batch_sampler=EpochBatches(len(items), batch_size, config.run.seed, epoch, state["batch"]),
             collate_fn=collate_train,
-            num_workers=config.num_workers,
+            num_workers=loader_config.num_workers,
             pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(config.seed),  # leaves the main RNG to dropout alone
+            generator=torch.Generator().manual_seed(config.run.seed),  # leaves the main RNG to dropout alone
         )
         classifier.train()
-        bar = log.progress(
-            total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{config.epochs}"
-        )
-        tick, seen, correct, loss_sum, loss_count = time.perf_counter(), 0, 0, 0.0, 0
+        bar = run.progress(steps_per_epoch, epochs)
+        seen, correct, loss_sum, loss_count = 0, 0, 0.0, 0
         for pixels, labels, errors in loader:
             state["batch"] += 1
             bar.update(1)
@@ -254,21 +241,21 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
             if pixels is None:
                 continue
             pixels, labels = pixels.to(device, non_blocking=True), labels.to(device)
-            with autocast(device, precision):
+            with rt.autocast():
                 logits = classifier(pixels)  # (B, C)
             loss = loss_fn(logits.float(), labels)
             loss.backward()
-            if config.grad_clip_norm:
-                nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+            if config.optim.grad_clip_norm:
+                nn.utils.clip_grad_norm_(params, config.optim.grad_clip_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+            run.step_done(labels.numel())
             seen += labels.numel()
             correct += int((logits.detach().argmax(dim=1) == labels).sum())
             loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
-            if state["step"] % config.log_every == 0 or state["step"] == 1:
-                rate = seen / max(time.perf_counter() - tick, 1e-9)
+            if run.log_due():
+                rate = run.samples_per_s()
                 bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", img_s=f"{rate:.1f}")
                 log.metrics(
                     {
@@ -281,17 +268,15 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
                         **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
                     }
                 )
-                tick, seen, correct, loss_sum, loss_count = time.perf_counter(), 0, 0, 0.0, 0
-            if config.max_steps is not None and state["step"] >= config.max_steps:
-                out_of_steps = True
+                seen, correct, loss_sum, loss_count = 0, 0, 0.0, 0
+            if run.out_of_steps():
                 break
-            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                save_checkpoint()
+            if run.checkpoint_due():
+                run.save_checkpoint(**training_state())
         bar.close()
-        if out_of_steps and state["batch"] < steps_per_epoch:
+        if run.out_of_steps() and state["batch"] < steps_per_epoch:
             break  # mid-epoch: checkpointed below, no validation
-        state["epoch"] += 1
-        state["batch"] = 0
+        run.end_epoch()
         val = evaluate(data.val)
         if val["top1"] > state["best_val"]["top1"]:
             state.update(best_epoch=state["epoch"], best_val=val, bad_epochs=0)
@@ -305,11 +290,10 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
             f"{state['best_val']['top1']:.4f} at epoch {state['best_epoch']})"
             + (f"; no gain in {state['bad_epochs']} epochs, stopping" if state["stopped_early"] else "")
         )
-        save_checkpoint()
-    training_done = state["epoch"] >= config.epochs or state["stopped_early"]
+        run.save_checkpoint(**training_state())
+    training_done = state["epoch"] >= epochs or state["stopped_early"]
     if not training_done:
-        save_checkpoint()
-        log.info(f"Stopped at max_steps={config.max_steps}; continue with --resume {run_dir} max_steps=null")
+        run.stop_at_max_steps(**training_state())
         return FinetuneResult(run_dir, False, state["step"], state["epoch"])
 
     # -- weight-space ensembling on val, the test split, the saved classifier
@@ -345,8 +329,7 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         "output_dir": str(run_dir),
         "model": str(config.model),
         "data": data.describe(),
-        "device": str(device),
-        "precision": precision,
+        **rt.record(),  # the device and the precision that ran (and the one asked for)
         "steps": state["step"],
         "epochs": state["epoch"],
         "best_epoch": state["best_epoch"],
@@ -395,7 +378,7 @@ def _prepare_output(run_dir: Path, config: FinetuneConfig) -> None:
     """Refuse to write over the source model or, without ``overwrite``, over an earlier run or model."""
     if Path(config.model).resolve() == run_dir.resolve():
         raise ClipcraftError(
-            f"The output directory {run_dir} is the model being fine-tuned; choose another --out."
+            f"The output directory {run_dir} is the model being fine-tuned; choose another --output-dir."
         )
     earlier = [
         n
@@ -405,7 +388,7 @@ def _prepare_output(run_dir: Path, config: FinetuneConfig) -> None:
     if earlier and not config.overwrite:
         raise ClipcraftError(
             f"{run_dir} already holds a run or a model ({', '.join(earlier)}). Continue it with --resume "
-            f"{run_dir}, replace it with --overwrite, or choose another --out."
+            f"{run_dir}, replace it with --overwrite, or choose another --output-dir."
         )
     for name in (CHECKPOINT_FILE, BEST_WEIGHTS, SUMMARY_FILE, CLASSIFIER_JSON):
         (run_dir / name).unlink(missing_ok=True)  # so an interrupted new run never mixes with the old one
@@ -413,9 +396,3 @@ def _prepare_output(run_dir: Path, config: FinetuneConfig) -> None:
 
 def _prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in metrics.items() if k in EVAL_KEYS}
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

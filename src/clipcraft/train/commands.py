@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipcraft.train.config import add_runtime_flags
+
 
 def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "train",
         help="train a CLIP model on image-caption data",
-        description="Train from a YAML/JSON config plus key=value overrides (any TrainConfig field).",
+        description="Train from a YAML/JSON config plus key=value overrides (any TrainConfig field, by its "
+        "flat name: epochs=2, lr_heads=1e-3, precision=fp32). Flags override --config; KEY=VALUE overrides "
+        "override both.",
         epilog="Examples:\n"
         "  clipcraft train --config configs/flickr8k-minilm-vit-tiny.yaml\n"
-        "  clipcraft train --config configs/flickr8k-minilm-vit-tiny.yaml epochs=1 batch_size=32 output_dir=runs/x\n"
+        "  clipcraft train --config configs/flickr8k-minilm-vit-tiny.yaml epochs=1 batch_size=32 --output-dir runs/x\n"
+        "  clipcraft train --config configs/seed.yaml --device cuda:1 --precision fp32\n"
         "  clipcraft train --resume runs/x\n"
         "  torchrun --nproc_per_node 2 -m clipcraft.cli train --config C.yaml   # data parallel",
         formatter_class=formatter,
@@ -23,7 +28,7 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p.add_argument(
         "--data-format", default=None, help="flickr | table | coco | imagefolder (default: detect)"
     )
-    p.add_argument("--output-dir", default=None, help="run directory (overrides the config's output_dir)")
+    add_runtime_flags(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     p.add_argument(
         "overrides",
@@ -35,10 +40,10 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from clipcraft.config import TrainConfig, gather_config
     from clipcraft.train import train
+    from clipcraft.train.config import TrainConfig, gather_config
 
-    flags = {key: getattr(args, key) for key in ("data", "data_format", "output_dir")}
+    flags = {key: getattr(args, key) for key in ("data", "data_format", "output_dir", "device", "precision")}
     config = TrainConfig.from_dict(gather_config(args.resume, args.config, flags, args.overrides))
     result = train(config, resume=args.resume)
     print(f"Run directory: {result.run_dir}")

@@ -1,5 +1,7 @@
-"""The training loop, top to bottom in :func:`train`. Distributed, precision and device handling are set
-up once at the start; everything else reads in the order it happens."""
+"""The training loop, top to bottom in :func:`_train`. The device, processes and precision are set up once at
+the start (:mod:`clipcraft.train.runtime`); seeding, resume, checkpoints, metrics, ``max_steps`` and progress
+are the run helper's (:mod:`clipcraft.train.run`, shared with fine-tuning); everything else reads in the order
+it happens."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import contextlib
 import json
 import math
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipcraft.config import TrainConfig
 from clipcraft.data import (
     BadDataReport,
     BadItem,
@@ -31,18 +31,13 @@ from clipcraft.data import (
 from clipcraft.errors import ClipcraftError
 from clipcraft.losses import build_loss
 from clipcraft.model import ClipModel, ClipOutput, create_model, load
-from clipcraft.precision import autocast, resolve_precision
-from clipcraft.train.checkpoint import (
-    CHECKPOINT_FILE,
-    atomic_torch_save,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from clipcraft.train.distributed import Dist, setup, teardown
+from clipcraft.train.checkpoint import load_checkpoint
+from clipcraft.train.config import TrainConfig, tower_overrides
 from clipcraft.train.features import FeatureCache, build_or_load_cache
-from clipcraft.train.optim import build_optimizer, build_scheduler
+from clipcraft.train.optim import build_optimizer, build_scheduler, param_groups
+from clipcraft.train.run import Run, seed_everything
 from clipcraft.train.runlog import RunLog
+from clipcraft.train.runtime import Runtime, open_runtime
 from clipcraft.train.validation import validate_model
 
 SPLITS = {"flickr": ("train", "dev", "test"), "imagefolder": ("train", "validation", "test")}
@@ -68,25 +63,22 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     Run under torchrun for distributed data parallel: each process trains on its shard of every global
     batch, the loss gathers embeddings from all ranks, and only rank 0 writes.
     """
-    dist = setup(config.device)
-    try:
-        return _train(config, dist, resume)
-    finally:
-        teardown(dist)
+    with open_runtime(config.run.device, config.run.precision) as runtime:
+        return _train(config, runtime, resume)
 
 
-def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainResult:
+def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> TrainResult:
+    overrides = _model_overrides(config)  # a bad setting fails here, before the run directory is touched
     checkpoint = load_checkpoint(resume) if resume is not None else None
-    run_dir = Path(resume) if resume is not None else Path(config.output_dir)
-    log = RunLog(run_dir, dist.is_main, resume_step=checkpoint["state"]["step"] if checkpoint else None)
-    log.write_config(config)
+    run_dir = Path(resume) if resume is not None else Path(config.run.output_dir)
+    run = Run(run_dir, rt, config.run, config.to_dict(), {"best": -math.inf}, checkpoint)
+    log, state = run.log, run.state
 
     # -- model, seeded identically on every rank
-    _seed_everything(config.seed)
-    model = _build_model(config).to(dist.device)
+    seed_everything(config.run.seed)
+    model = _build_model(config, overrides).to(rt.device)
     if config.loss == "clip":
         model.logit_bias.requires_grad_(False)  # unused by the softmax loss (and DDP insists on used params)
-    precision = resolve_precision(config.precision, dist.device)
     _check_captions_per_image(config, model)
 
     # -- data: read, check before training, and open the validation split
@@ -98,111 +90,87 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
     val_set = _open(config, config.val_data or config.data, val_split) if val_split else None
 
     # -- features of locked towers whose input is not augmented: computed once, reused every epoch
-    image_cache, text_cache, index_map = _feature_caches(
-        config, model, train_set, dist, precision, report, log
-    )
+    image_cache, text_cache, index_map = _feature_caches(config, model, train_set, rt, report, log)
     if index_map is not None:
         train_set = train_set.subset(index_map.tolist())
 
+    epochs, batch_size, loader_config = config.optim.epochs, config.optim.batch_size, config.loader
     sampler = CaptionGroupedBatchSampler(
-        train_set, config.batch_size, seed=config.seed, num_replicas=dist.world_size, rank=dist.rank
+        train_set, batch_size, seed=config.run.seed, num_replicas=rt.world_size, rank=rt.rank
     )
     steps_per_epoch = sampler.batches_per_epoch
-    total_steps = steps_per_epoch * config.epochs
-    items = _TrainItems(
-        train_set,
-        transform=None
-        if image_cache is not None
-        else model.image_transform(train=config.augment, scale=config.crop_scale, hflip=config.hflip),
-        seed=config.seed,
+    total_steps = steps_per_epoch * epochs
+    transform = model.image_transform(
+        train=loader_config.augment, scale=loader_config.crop_scale, hflip=config.hflip
     )
+    items = _TrainItems(train_set, None if image_cache is not None else transform, seed=config.run.seed)
     loader = DataLoader(
         items,
         batch_sampler=_EpochKeys(sampler),
         collate_fn=_TrainCollate(None if text_cache is not None else model.tokenize),
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,  # no worker start-up at every epoch
-        pin_memory=dist.device.type == "cuda",
-        generator=torch.Generator().manual_seed(config.seed),  # keeps the main RNG for dropout only
+        num_workers=loader_config.num_workers,
+        persistent_workers=loader_config.num_workers > 0,  # no worker start-up at every epoch
+        pin_memory=rt.device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.run.seed),  # keeps the main RNG for dropout only
     )
 
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": -math.inf}
+    groups = param_groups(model, config.learning_rates(), config.optim.weight_decay)
+    optimizer = build_optimizer(groups, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
     load_report = BadDataReport(train_set.source)  # images that failed to decode while training
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        state.update(checkpoint["state"])
         load_report = BadDataReport.from_dict(checkpoint["load_report"])
-        set_rng_state(checkpoint["rng"])
-        log.info(
-            f"Resumed {run_dir} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})."
-        )
+        run.restore()
     ddp_model: torch.nn.Module = model
-    if dist.enabled:
+    if rt.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
-    loss_fn = build_loss(config.loss, distributed=dist.enabled)
+    loss_fn = build_loss(config.loss, distributed=rt.distributed)
 
-    def save_checkpoint() -> None:
-        if dist.is_main:
-            atomic_torch_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "state": dict(state),
-                    "rng": rng_state(),
-                    "load_report": load_report.to_dict(),
-                    "config": config.to_dict(),
-                },
-                run_dir / CHECKPOINT_FILE,
-            )
-        dist.barrier()
+    def training_state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "load_report": load_report.to_dict(),
+        }
 
     # -- the loop
     metrics: dict[str, Any] = {}
     text_memo: dict[str, np.ndarray] = {}  # validation caption features of a locked text tower
-    stop = False
     log.info(
-        f"{total_steps} steps: {config.epochs} epochs x {steps_per_epoch} batches of {config.batch_size} x "
-        f"{dist.world_size} process(es), precision {precision}, loss {config.loss}"
+        f"{total_steps} steps: {epochs} epochs x {steps_per_epoch} batches of {batch_size} x "
+        f"{rt.world_size} process(es), precision {rt.precision}, loss {config.loss}"
     )
-    while state["epoch"] < config.epochs and not stop:
+    while state["epoch"] < epochs and not run.out_of_steps():
         epoch = state["epoch"]
         sampler.set_epoch(epoch, start_batch=state["batch"])
         model.train()
-        bar = log.progress(
-            total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{config.epochs}"
-        )
-        tick, window_samples = time.perf_counter(), 0
+        bar = run.progress(steps_per_epoch, epochs)
         for batch, caption_indices in loader:
             load_report.record_batch(len(batch), batch.bad)
-            size = dist.min_int(len(batch))  # every rank must gather the same number of rows
+            size = rt.min_int(len(batch))  # every rank must gather the same number of rows
             state["batch"] += 1
             if size < 2:  # nothing to contrast against: skip the step (counted in the report)
                 continue
             loss = _train_step(
-                config, model, ddp_model, loss_fn, batch, caption_indices, size, image_cache, text_cache, index_map,
-                precision, dist,
+                config, model, ddp_model, loss_fn, batch, caption_indices, size, image_cache, text_cache, index_map, rt
             )  # fmt: skip
-            if config.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            if config.optim.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             model.clamp_logit_scale()
-            state["step"] += 1
-            window_samples += size * dist.world_size
+            run.step_done(size * rt.world_size)
             bar.update(1)
-            if state["step"] % config.log_every == 0 or state["step"] == 1:
-                seconds = time.perf_counter() - tick
-                rate = window_samples / max(seconds, 1e-9)
-                tick, window_samples = time.perf_counter(), 0
-                loss_value = dist.mean(float(loss))
+            if run.log_due():
+                rate = run.samples_per_s()
+                loss_value = rt.mean(float(loss))
                 bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.1f}")
                 log.metrics(
                     {
@@ -215,20 +183,17 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
                         **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
                     }
                 )
-            if config.max_steps is not None and state["step"] >= config.max_steps:
-                stop = True
+            if run.out_of_steps():
                 break
-            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                save_checkpoint()
+            if run.checkpoint_due():
+                run.save_checkpoint(**training_state())
         bar.close()
-        if stop and state["batch"] < steps_per_epoch:
-            save_checkpoint()
-            log.info(f"Stopped at max_steps={config.max_steps}; resume with --resume {run_dir}")
+        if run.out_of_steps() and state["batch"] < steps_per_epoch:
+            run.stop_at_max_steps(**training_state())
             break
-        state["epoch"] += 1
-        state["batch"] = 0
-        metrics = _end_of_epoch(config, model, val_set, state, run_dir, dist, log, precision, text_memo)
-        save_checkpoint()
+        run.end_epoch()
+        metrics = _end_of_epoch(config, model, val_set, state, run_dir, rt, log, text_memo)
+        run.save_checkpoint(**training_state())
 
     # -- the end: test split, plots, example sheet, summary
     result = TrainResult(
@@ -239,9 +204,9 @@ def _train(config: TrainConfig, dist: Dist, resume: str | Path | None) -> TrainR
         epochs=state["epoch"],
         metrics=metrics,
     )
-    if dist.is_main and state["epoch"] >= config.epochs:
-        result.metrics.update(_finish(config, model, test_split, result, report, load_report, log, precision))
-    dist.barrier()
+    if rt.is_main and state["epoch"] >= epochs:
+        result.metrics.update(_finish(config, model, test_split, result, report, load_report, log, rt))
+    rt.barrier()
     return result
 
 
@@ -259,8 +224,7 @@ def _train_step(
     image_cache: FeatureCache | None,
     text_cache: FeatureCache | None,
     index_map: np.ndarray | None,
-    precision: str,
-    dist: Dist,
+    rt: Runtime,
 ) -> torch.Tensor:
     """Forward, loss and backward for one batch (the first ``size`` pairs). With ``grad_accum_steps`` > 1 the
     batch runs as micro-batches but the loss is still the full-batch contrastive loss: every micro-batch's
@@ -283,7 +247,7 @@ def _train_step(
 
     accum = max(1, config.grad_accum_steps)
     if accum == 1:
-        with autocast(device, precision):
+        with rt.autocast():
             out = ddp_model(**inputs)
         loss = loss_fn(out)
         loss.backward()
@@ -291,15 +255,17 @@ def _train_step(
 
     chunks = [c for c in torch.arange(size).chunk(accum) if len(c)]
     parts = [_slice(inputs, c, captions) for c in chunks]
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad(), rt.autocast():
         cached = [model(**p) for p in parts]
     images = [c.image_embeddings for c in cached]
     texts = [c.text_embeddings for c in cached]
     total = torch.zeros((), device=device)
     for j, part in enumerate(parts):
-        sync = contextlib.nullcontext() if (not dist.enabled or j == len(parts) - 1) else ddp_model.no_sync()  # type: ignore[operator]
+        sync = (
+            contextlib.nullcontext() if (not rt.distributed or j == len(parts) - 1) else ddp_model.no_sync()
+        )  # type: ignore[operator]
         with sync:
-            with autocast(device, precision):
+            with rt.autocast():
                 out = ddp_model(**part)
             full = ClipOutput(
                 image_embeddings=torch.cat(images[:j] + [out.image_embeddings] + images[j + 1 :]),
@@ -393,29 +359,25 @@ class _EpochKeys:
 # -- set-up helpers -----------------------------------------------------------------------------------------
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _build_model(config: TrainConfig) -> ClipModel:
+def _model_overrides(config: TrainConfig) -> dict[str, Any]:
+    """The ModelConfig overrides of this run: ``model_overrides`` plus the tower fields, which own locking
+    and gradient checkpointing (see :func:`clipcraft.train.config.tower_overrides`)."""
     if config.patch_dropout and config.lock_image and config.image_unlocked_groups == 0:
         raise ClipcraftError(
             "patch_dropout speeds up and regularises training of the image tower; with lock_image=true "
             "and no unlocked groups there is nothing of it to train. Set patch_dropout=0."
         )
-    overrides: dict[str, Any] = dict(config.model_overrides)
-    overrides.update(
-        {
-            "image.lock": config.lock_image,
-            "image.unlocked_groups": config.image_unlocked_groups,
-            "text.lock": config.lock_text,
-            "text.unlocked_groups": config.text_unlocked_groups,
-            "image.grad_checkpointing": config.grad_checkpointing,
-            "text.grad_checkpointing": config.grad_checkpointing,
-        }
+    return tower_overrides(
+        config.model_overrides,
+        lock_image=config.lock_image,
+        image_unlocked_groups=config.image_unlocked_groups,
+        lock_text=config.lock_text,
+        text_unlocked_groups=config.text_unlocked_groups,
+        grad_checkpointing=config.grad_checkpointing,
     )
+
+
+def _build_model(config: TrainConfig, overrides: dict[str, Any]) -> ClipModel:
     if Path(config.model).is_dir():
         model = load(config.model, overrides=overrides)
     else:
@@ -473,8 +435,7 @@ def _feature_caches(
     config: TrainConfig,
     model: ClipModel,
     dataset: CaptionDataset,
-    dist: Dist,
-    precision: str,
+    rt: Runtime,
     report: BadDataReport,
     log: RunLog,
 ) -> tuple[FeatureCache | None, FeatureCache | None, np.ndarray | None]:
@@ -483,28 +444,28 @@ def _feature_caches(
     the kept images to their rows in the caches."""
     if not config.feature_cache:
         return None, None, None
-    cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "feature-cache"
+    cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.run.output_dir) / "feature-cache"
     wanted = []
-    if model.image_tower.fully_locked and not config.augment:
+    if model.image_tower.fully_locked and not config.loader.augment:
         wanted.append("image")
     if model.text_tower.fully_locked:
         wanted.append("text")
     caches: dict[str, FeatureCache] = {}
     for tower in wanted:
-        if not dist.is_main:
-            dist.barrier()  # rank 0 writes the cache first
+        if not rt.is_main:
+            rt.barrier()  # rank 0 writes the cache first
         cache, bad, reused = build_or_load_cache(
             model,
             dataset,
             tower,
             cache_dir,
-            batch_size=config.eval_batch_size,
-            num_workers=config.num_workers,
-            precision=precision,
-            progress=dist.is_main,
+            batch_size=config.loader.eval_batch_size,
+            num_workers=config.loader.num_workers,
+            precision=rt.precision,
+            progress=rt.is_main,
         )
-        if dist.is_main:
-            dist.barrier()
+        if rt.is_main:
+            rt.barrier()
         for item in bad:
             report.add(item.kind, item.where, item.reason, rows=len(dataset.records[item.index].captions))
         caches[tower] = cache
@@ -525,23 +486,22 @@ def _end_of_epoch(
     val_set: CaptionDataset | None,
     state: dict[str, Any],
     run_dir: Path,
-    dist: Dist,
+    rt: Runtime,
     log: RunLog,
-    precision: str,
     text_memo: dict[str, np.ndarray],
 ) -> dict[str, Any]:
     """Validate, log, and write the ``last`` and ``best`` models (rank 0; the others wait)."""
     metrics: dict[str, Any] = {}
-    if dist.is_main:
+    if rt.is_main:
         if val_set is not None:
             metrics, _ = validate_model(
                 model,
                 val_set,
                 loss_name=config.loss,
-                loss_batch=config.batch_size * dist.world_size,
-                batch_size=config.eval_batch_size,
-                num_workers=config.num_workers,
-                precision=precision,
+                loss_batch=config.optim.batch_size * rt.world_size,
+                batch_size=config.loader.eval_batch_size,
+                num_workers=config.loader.num_workers,
+                precision=rt.precision,
                 text_memo=text_memo,
             )
         log.metrics({"type": "epoch", "epoch": state["epoch"], "step": state["step"], **metrics})
@@ -555,7 +515,7 @@ def _end_of_epoch(
                 f"epoch {state['epoch']}: val loss {metrics['val_loss']:.4f}, i2t R@1 {metrics['i2t_r1']:.3f}, "
                 f"t2i R@1 {metrics['t2i_r1']:.3f}, mean recall {metrics['recall_mean']:.3f}"
             )
-    dist.barrier()
+    rt.barrier()
     return metrics
 
 
@@ -567,13 +527,14 @@ def _finish(
     report: BadDataReport,
     load_report: BadDataReport,
     log: RunLog,
-    precision: str,
+    rt: Runtime,
 ) -> dict[str, Any]:
-    """Test-split retrieval with the best model, plots, the example sheet and ``summary.json``."""
+    """Test-split retrieval with the best model (reloaded onto the run's device), plots, the example sheet
+    and ``summary.json``."""
     from clipcraft.train import plots
 
     out: dict[str, Any] = {}
-    best = load(result.best_model) if result.best_model is not None else model
+    best = load(result.best_model, device=rt.device) if result.best_model is not None else model
     test_emb = None
     if test_split is not None:
         test_set = _open(config, config.data, test_split)
@@ -581,10 +542,10 @@ def _finish(
             best,
             test_set,
             loss_name=config.loss,
-            loss_batch=config.batch_size,
-            batch_size=config.eval_batch_size,
-            num_workers=config.num_workers,
-            precision=precision,
+            loss_batch=config.optim.batch_size,
+            batch_size=config.loader.eval_batch_size,
+            num_workers=config.loader.num_workers,
+            precision=rt.precision,
         )
         out.update({f"test_{k}": v for k, v in test_metrics.items()})
         log.info(
@@ -601,6 +562,7 @@ def _finish(
         "epochs": result.epochs,
         "last_model": str(result.last_model),
         "best_model": str(result.best_model) if result.best_model else None,
+        **rt.record(),  # the device and the precision that ran (and the one asked for)
         "final_validation": result.metrics,
         **out,
         "bad_data": {"before_training": report.to_dict(), "while_training": load_report.to_dict()},

@@ -1,27 +1,26 @@
-"""AdamW with one parameter group per part of the model, and the warmup + cosine schedule."""
+"""AdamW with one parameter group per part of the model, and the warmup + cosine schedule. Both jobs use
+them: they take the parameter groups and the shared :class:`~clipcraft.train.config.OptimConfig`."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from clipcraft.config import TrainConfig
+from clipcraft.errors import ClipcraftError
+from clipcraft.train.config import OptimConfig
 
 
-def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Trainable parameters grouped by part (image tower, text tower, heads, logit scale/bias), each part
-    split into weight-decayed matrices and non-decayed 1-D parameters (norms, biases, scalars).
+def param_groups(model: nn.Module, rates: Mapping[str, float], weight_decay: float) -> list[dict]:
+    """Trainable parameters grouped by part (``image_tower``, ``text_tower``, ``heads``, ``logit`` for the
+    logit scale/bias; anything else counts as ``heads``), each part split into matrices decayed by
+    ``weight_decay`` and non-decayed 1-D parameters (norms, biases, scalars).
 
-    Each group carries a ``name`` and its own ``lr``; frozen parameters are left out.
+    Each group carries a ``name`` and its learning rate from ``rates`` (part -> lr); frozen parameters are
+    left out. Raises :class:`ClipcraftError` when a part with trainable parameters has no rate.
     """
-    rates = {
-        "image_tower": config.lr_image_tower,
-        "text_tower": config.lr_text_tower,
-        "heads": config.lr_heads,
-        "logit": config.lr_heads,
-    }
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -36,19 +35,23 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
             part = "heads"
         decay = param.ndim >= 2 and part != "logit"
         buckets.setdefault((part, decay), []).append(param)
+    missing = sorted({part for part, _ in buckets} - set(rates))
+    if missing:
+        raise ClipcraftError(f"No learning rate for the trainable part(s) {missing}; rates: {dict(rates)}.")
     return [
         {
             "name": f"{part}{'' if decay else '_no_decay'}",
             "params": params,
             "lr": rates[part],
-            "weight_decay": config.weight_decay if decay else 0.0,
+            "weight_decay": weight_decay if decay else 0.0,
         }
         for (part, decay), params in sorted(buckets.items())
     ]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, config), betas=tuple(config.betas), eps=config.eps)
+def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (from :func:`param_groups`) with the betas and eps of ``optim``."""
+    return torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)  # type: ignore[arg-type]
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -61,9 +64,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float =
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = min(config.warmup_steps, max(0, total_steps - 1))
+    """Warmup for ``optim.warmup_steps`` (at most ``total_steps - 1``), then cosine to ``min_lr_ratio``."""
+    warmup = min(optim.warmup_steps, max(0, total_steps - 1))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total_steps, config.min_lr_ratio)
+        optimizer, lambda step: lr_factor(step, warmup, total_steps, optim.min_lr_ratio)
     )

@@ -37,12 +37,15 @@ class RunLog:
         except ImportError:
             self.tb = None
 
-    def write_config(self, config: Any) -> None:
-        """Write the resolved config (anything with ``to_dict()``) to ``config.yaml``."""
+    def write_config(self, config: Any, header: str = "") -> None:
+        """Write the resolved config (a mapping, or anything with ``to_dict()``) to ``config.yaml``, after
+        ``header`` as a YAML comment."""
         if self.enabled:
             import yaml
 
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            data = dict(config) if isinstance(config, dict) else config.to_dict()
+            comment = "".join(f"# {line}\n" for line in header.splitlines())
+            (self.run_dir / "config.yaml").write_text(comment + yaml.safe_dump(data, sort_keys=False))
 
     def info(self, message: str) -> None:
         if self.enabled:
