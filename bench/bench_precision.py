@@ -5,9 +5,9 @@
 Part 1, throughput: the seed architecture (random weights: no pretrained image tower offline) and
 ``minilm-vit-tiny`` embed the same Flickr8k images through :func:`clipcraft.encoding.encode_images` (the
 loop of ``index build`` and ``eval``), fp32 and bf16 alternating within each round; images/s is the median
-over rounds. Part 2, tolerance: for a trained model (``--model``; default: the ``minilm-vit-tiny`` preset),
-Flickr8k test retrieval in fp32 and in bf16 (metric deltas, cosine of each image's two embeddings) and the
-top-10 of 50 text queries (overlap). The CPU and its bf16 support (from /proc/cpuinfo) are named in the
+over rounds. Part 2, tolerance: for a trained model (``--model``; default: the ``minilm-vit-tiny`` preset)
+on its own test data (``--data``/``--split``; default Flickr8k test), retrieval in fp32 and in bf16 (metric
+deltas, cosine of each image's two embeddings) and the top-10 of 50 text queries (overlap). The CPU and its bf16 support (from /proc/cpuinfo) are named in the
 output: on a CPU without native bf16, bf16 is emulated (float32 kernels on bf16-rounded operands) and slow.
 """
 
@@ -79,7 +79,7 @@ def throughput(preset: str, paths: list[str], batch_size: int, rounds: int) -> d
     }
 
 
-def tolerance(model_path: str | None, limit: int, queries: int) -> dict[str, Any]:
+def tolerance(model_path: str | None, data: Path, split: str, limit: int, queries: int) -> dict[str, Any]:
     import torch
 
     from clipcraft import create_model, load
@@ -89,16 +89,19 @@ def tolerance(model_path: str | None, limit: int, queries: int) -> dict[str, Any
 
     torch.manual_seed(0)
     model = load(model_path) if model_path else create_model("minilm-vit-tiny").eval()
-    out: dict[str, Any] = {"model": model_path or "minilm-vit-tiny preset (random image tower)"}
+    out: dict[str, Any] = {
+        "model": model_path or "minilm-vit-tiny preset (random image tower)",
+        "data": f"{data} [{split}]",
+    }
     results = {}
     for p in ("fp32", "bf16"):
-        r = evaluate_retrieval(model, FLICKR, split="test", limit=limit, settings=EncodeSettings(workers=1), precision=p)  # fmt: skip
+        r = evaluate_retrieval(model, data, split=split, limit=limit, settings=EncodeSettings(workers=1), precision=p)  # fmt: skip
         results[p] = r
     out["retrieval"] = {
         k: {"fp32": results["fp32"][k], "bf16": results["bf16"][k], "delta": results["bf16"][k] - results["fp32"][k]}
         for k in RETRIEVAL_KEYS
     }  # fmt: skip
-    paths, captions, _, _ = load_caption_records(FLICKR, "test", limit)
+    paths, captions, _, _ = load_caption_records(data, split, limit)
     texts = [c[0] for c in captions[:queries]]
     emb = {}
     for p in (Precision.FP32, Precision.BF16):
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "--presets", default="minilm-vit-tiny,seed", help="architectures of the throughput part"
     )
     parser.add_argument("--model", default=None, help="trained model directory for the tolerance part")
-    parser.add_argument("--limit", type=int, default=1000, help="Flickr8k test images of the tolerance part")
+    parser.add_argument("--data", default=str(FLICKR), help="caption data set of the tolerance part")
+    parser.add_argument("--split", default="test", help="its split")
+    parser.add_argument("--limit", type=int, default=1000, help="images of the tolerance part")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "precision.json"))
     args = parser.parse_args(argv)
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         report["throughput"].append(throughput(preset, paths, args.batch_size, args.rounds))
         print(json.dumps({k: v for k, v in report["throughput"][-1].items() if k != "seconds"}), flush=True)
-    report["tolerance"] = tolerance(args.model, args.limit, args.queries)
+    report["tolerance"] = tolerance(args.model, Path(args.data), args.split, args.limit, args.queries)
     print(json.dumps(report["tolerance"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
