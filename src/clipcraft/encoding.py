@@ -43,6 +43,7 @@ from clipcraft.data.decode import BadImageError, decode_image
 from clipcraft.data.report import UNREADABLE_IMAGE, BadItem
 from clipcraft.digests import files_digest, json_digest, model_identity
 from clipcraft.errors import ClipcraftError
+from clipcraft.files import atomic_file
 from clipcraft.precision import Precision, as_precision
 
 if TYPE_CHECKING:
@@ -554,9 +555,8 @@ class EncodingCache:
         path = self.path(kind, key)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            with atomic_file(path) as fh:
+                np.savez(fh, **arrays)
         except OSError as exc:
             raise ClipcraftError(f"Could not write the encoding cache {path}: {exc}") from exc
         return path

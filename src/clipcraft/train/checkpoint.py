@@ -29,18 +29,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` through :func:`clipcraft.files.atomic_file`: a temporary file beside ``path``, fsynced,
+    then renamed over it."""
+    from clipcraft.files import atomic_file
+
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from clipcraft.data import BadItem, CaptionDataset
 from clipcraft.digests import files_digest, json_digest, weights_digest
 from clipcraft.encoding import EncodeSettings, encode_images, encode_texts
+from clipcraft.files import atomic_dir
 from clipcraft.model import ClipModel
 from clipcraft.precision import Precision
 
@@ -118,20 +118,14 @@ def build_or_load_cache(
         offsets = np.concatenate([[0], np.cumsum([len(r.captions) for r in dataset.records])[:-1]]).astype(
             np.int64
         )
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "features.npy", feats)
-    np.save(tmp / "ok.npy", ok)
-    if offsets is not None:
-        np.save(tmp / "offsets.npy", offsets)
-    (tmp / "meta.json").write_text(
-        json.dumps({"tower": tower, "rows": int(len(feats)), "dim": int(feats.shape[1])})
-    )
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_dir(folder) as tmp:  # a killed run never leaves a half-written cache that looks complete
+        np.save(tmp / "features.npy", feats)
+        np.save(tmp / "ok.npy", ok)
+        if offsets is not None:
+            np.save(tmp / "offsets.npy", offsets)
+        (tmp / "meta.json").write_text(
+            json.dumps({"tower": tower, "rows": int(len(feats)), "dim": int(feats.shape[1])})
+        )
     return _open(folder), bad, False
 
 
