@@ -228,3 +228,163 @@ def test_a_decompression_bomb_is_refused(client):
     Image.new("L", (8000, 8000)).save(buf, format="PNG")  # tiny file, 64M pixels
     r = client.post("/api/search/image", files={"file": ("bomb.png", buf.getvalue(), "image/png")})
     assert r.status_code == 413 and "pixels" in r.json()["detail"]
+
+
+# -- holes found by a new user (issue 16): each test failed before its fix --------------------------------
+
+
+def _call_asgi(app, method: str, path: str, headers: list[tuple[bytes, bytes]], chunks: list[bytes]):
+    """Run one request through the ASGI app with the body in ``chunks`` (as a chunked upload arrives: no
+    Content-Length). Returns (status, body, bytes of the request body the app pulled)."""
+    import asyncio
+
+    pulled = 0
+    sent: list[dict] = []
+    position = 0
+
+    async def receive():
+        nonlocal pulled, position
+        if position >= len(chunks):
+            return {"type": "http.disconnect"}
+        body = chunks[position]
+        position += 1
+        pulled += len(body)
+        return {"type": "http.request", "body": body, "more_body": position < len(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], body, pulled
+
+
+def test_a_chunked_upload_is_counted_as_it_arrives_and_stopped_at_the_limit(client):
+    """No Content-Length: the server used to read (and spool to disk) the whole body before refusing it."""
+    from clipcraft.server.app import MULTIPART_OVERHEAD
+
+    limit = client.app.state.limits.max_upload_bytes
+    head = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n\x89PNG"
+    )
+    chunk = b"0" * 65536
+    chunks = [head] + [chunk] * 200 + [b"\r\n--xyz--\r\n"]  # 13 MB, 65x the limit
+    headers = [
+        (b"content-type", b"multipart/form-data; boundary=xyz"),
+        (b"transfer-encoding", b"chunked"),
+        (b"host", b"127.0.0.1"),
+    ]
+    status, body, pulled = _call_asgi(client.app, "POST", "/api/search/image", headers, chunks)
+    assert status == 413, body
+    assert b"larger than" in body
+    assert pulled <= limit + MULTIPART_OVERHEAD + len(chunk) + len(head)
+
+
+def test_a_chunked_upload_under_the_limit_still_works(client):
+    data = png_bytes((10, 200, 10))
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--xyz\r\n"
+        b'Content-Disposition: form-data; name="k"\r\n\r\n3\r\n--xyz--\r\n'
+    )
+    chunks = [body[i : i + 100] for i in range(0, len(body), 100)]
+    headers = [(b"content-type", b"multipart/form-data; boundary=xyz"), (b"host", b"127.0.0.1")]
+    status, out, pulled = _call_asgi(client.app, "POST", "/api/search/image", headers, chunks)
+    assert status == 200, out
+    assert pulled == len(body)
+
+
+@pytest.fixture()
+def own_index(tmp_path):
+    """A fresh two-image index this test may tamper with, and a secret file outside its folder."""
+    from fastapi.testclient import TestClient
+
+    from clipcraft.search.index import build_index
+    from clipcraft.server.app import create_app
+
+    model = tmp_path / "model"
+    import torch
+
+    from clipcraft import create_model
+
+    torch.manual_seed(0)
+    create_model("tiny").save(model)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png_bytes((200, 30, 30)))
+    (images / "b.jpg").write_bytes(png_bytes((30, 30, 200)))  # a PNG named .jpg
+    (tmp_path / "secret.txt").write_text("do not serve me")
+    build_index(model, images, tmp_path / "index", workers=0)
+    with TestClient(create_app(tmp_path / "index"), raise_server_exceptions=False) as c:
+        yield c, images, tmp_path / "secret.txt"
+
+
+def _row(client, name: str) -> int:
+    return [e.path for e in client.app.state.index.files].index(name)
+
+
+def test_a_file_swapped_for_a_symlink_after_indexing_is_refused(own_index):
+    client, images, secret = own_index
+    row = _row(client, "a.png")
+    assert client.get(f"/api/images/{row}").status_code == 200
+    (images / "a.png").unlink()
+    (images / "a.png").symlink_to(secret)
+    r = client.get(f"/api/images/{row}")
+    assert r.status_code in (403, 404, 410), r.status_code
+    assert "do not serve me" not in r.text
+    assert "rebuild" in r.json()["detail"]
+
+
+def test_a_file_changed_after_indexing_is_refused(own_index):
+    client, images, _ = own_index
+    row = _row(client, "a.png")
+    (images / "a.png").write_bytes(png_bytes((1, 2, 3), size=(50, 50)))
+    r = client.get(f"/api/images/{row}")
+    assert r.status_code == 410 and "changed since" in r.json()["detail"]
+
+
+def test_a_folder_in_place_of_a_file_is_refused(own_index):
+    client, images, _ = own_index
+    row = _row(client, "a.png")
+    (images / "a.png").unlink()
+    (images / "a.png").mkdir()
+    r = client.get(f"/api/images/{row}")
+    assert 400 <= r.status_code < 500
+
+
+def test_images_are_served_with_the_content_type_of_their_bytes(own_index):
+    client, _, _ = own_index
+    r = client.get(f"/api/images/{_row(client, 'b.jpg')}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers.get("x-content-type-options") == "nosniff"
+
+
+def test_docs_work_offline(client):
+    """/docs used to load Swagger UI from a CDN (a blank page offline): every asset must come from us."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', page.text)
+    assets += re.findall(r"url: *['\"]([^'\"]+)['\"]", page.text)
+    assert assets, page.text
+    for url in assets:
+        assert not url.startswith(("http:", "https:", "//")), url
+        assert client.get(url).status_code == 200, url
+    assert client.get("/redoc").status_code == 404  # ReDoc only comes from a CDN: not offered

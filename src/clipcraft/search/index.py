@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,15 @@ from clipcraft.precision import INFERENCE_DEFAULT, Precision, resolve_precision
 from clipcraft.search.ann import IndexConfig, build_faiss, import_faiss, set_search_params
 from clipcraft.search.collection import read_captions
 
-__all__ = ["BuildReport", "CaptionResult", "Index", "IndexConfig", "SearchResult", "build_index"]
+__all__ = [
+    "BuildReport",
+    "CaptionResult",
+    "Index",
+    "IndexConfig",
+    "SearchResult",
+    "build_index",
+    "saved_by_interrupted_build",
+]
 
 INDEX_FORMAT = "clipcraft-index"
 INDEX_FORMAT_VERSION = 1
@@ -50,6 +59,7 @@ EMBEDDINGS = "embeddings.npy"
 FAISS_FILE = "index.faiss"
 CAPTIONS = "captions.json"
 CAPTION_EMBEDDINGS = "caption_embeddings.npy"
+SLOW_FAISS_BUILD = 20_000  # from this many images the FAISS build gets a line of progress
 MAX_SKIPPED_LISTED = 1000  # the report lists at most this many unreadable files (all are counted)
 
 
@@ -180,6 +190,20 @@ class _Partial:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def saved_by_interrupted_build(out: str | os.PathLike[str]) -> tuple[Path, int]:
+    """The folder where a build of ``out`` keeps its embeddings batch by batch, and how many images it holds
+    (0 when there is none): what an interrupted build leaves for the next run of the same command."""
+    folder = Path(out).parent / f".{Path(out).name}.partial"
+    count = 0
+    for f in folder.glob("batch-*.npz"):
+        try:
+            with np.load(f) as z:
+                count += len(z["paths"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return folder, count
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Build
 
@@ -297,6 +321,8 @@ def build_index(
         else:
             text_settings = with_settings(settings, progress=progress)
             caption_rows = (caption_list, encode_texts(net, caption_list, text_settings).vectors)
+    if progress and len(vectors) >= SLOW_FAISS_BUILD:  # IVF training and tuning take a while: say so
+        print(f"building the search index over {len(vectors):,} embeddings ...", file=sys.stderr, flush=True)
     index, info = build_faiss(vectors.astype(np.float32), config)
 
     report.total = len(kept)
