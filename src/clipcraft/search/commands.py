@@ -118,7 +118,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from clipcraft.templates import load_templates
 
     templates = load_templates(args.templates) if args.templates else None
-    serve(args.index, host=args.host, port=args.port, model=args.model, templates=templates)
+    serve(
+        args.index,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        templates=templates,
+        thumb_dir=args.thumb_dir,
+    )
     return 0
 
 
@@ -183,6 +190,9 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     v = subparsers.add_parser(
         "serve",
         help="serve a search page and JSON API for an index",
+        description="Serve the search page (text or image queries, more like this, near-duplicate filter, "
+        "zero-shot labels, a large view with captions) and its JSON API (docs at /docs), offline. Binds to "
+        "this machine only unless --host says otherwise.",
         epilog="Examples:\n  clipcraft serve photos.index --port 8000   # then open http://127.0.0.1:8000/\n"
         "  clipcraft serve photos.index --templates prompts.txt   # zero-shot prompts, one per line with {}",
         formatter_class=formatter_class,
@@ -197,5 +207,10 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
         "--templates",
         default=None,
         help="zero-shot prompt templates file, one per line with {} (default: built-in)",
+    )
+    v.add_argument(
+        "--thumb-dir",
+        default=None,
+        help="folder for cached thumbnails (default: .<index name>.thumbs beside the index)",
     )
     v.set_defaults(func=_cmd_serve)
