@@ -350,7 +350,7 @@ def _chunks(file: Any, size: int = 256 * 1024) -> Iterator[bytes]:
 
 
 def _add_docs(app: FastAPI) -> None:
-    """``/docs``: Swagger UI from the ``swagger-ui-bundle`` package's local copy; without that package, a
+    """``/docs``: Swagger UI from the ``swagger-ui-bundle-v2`` package's local copy; without that package, a
     plain page listing the routes and linking ``/openapi.json``. Nothing loads from a CDN."""
     try:
         from swagger_ui_bundle import swagger_ui_path

@@ -22,7 +22,7 @@ def page_html() -> str:
 
 
 def api_docs_fallback(openapi: dict[str, Any]) -> str:
-    """A plain ``/docs`` page for when the ``swagger-ui-bundle`` package is missing: every route with its
+    """A plain ``/docs`` page for when the ``swagger-ui-bundle-v2`` package is missing: every route with its
     summary and parameters, and a link to the machine-readable ``/openapi.json``."""
     items = []
     for path, methods in sorted(openapi.get("paths", {}).items()):
@@ -37,6 +37,6 @@ def api_docs_fallback(openapi: dict[str, Any]) -> str:
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>clipcraft search API</title></head>'
         '<body><h1>clipcraft search API</h1><p>The full description is <a href="/openapi.json">/openapi.json'
-        "</a> (OpenAPI 3). Install <code>swagger-ui-bundle</code> for the interactive page.</p>"
+        "</a> (OpenAPI 3). Install <code>swagger-ui-bundle-v2</code> for the interactive page.</p>"
         f"<ul>{''.join(items)}</ul></body></html>"
     )

@@ -140,6 +140,7 @@ async function run(query, push) {
     if (e.name === "AbortError" || controller !== state.controller) return;
     clearResults();
     setStatus("");
+    $("echo").hidden = true;  // nothing was found for it: the message says why
     // the message goes next to what it is about: the query box, or the options
     if (/^k |dedup/.test(e.message)) setError("opt-error", e.message);
     else setError("q-error", e.message);
