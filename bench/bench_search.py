@@ -8,7 +8,9 @@ Prints tables and writes bench/results/search.json (or search-quick.json with --
 * embed: images/s of the index build's embedding loop with the seed architecture (random weights) against
   open_clip's ``encode_image`` on the same timm trunk, same batch, same run (contenders interleaved in
   rounds); the same loop without the class-token shortcut; and the loader alone.
-* load: 8 clients hitting the web API for a fixed time on localhost.
+* load: 8 clients calling the web API for 30 s on localhost (text searches and image uploads mixed) over an
+  index of 10,000 images (Flickr8k's 8,091 plus generated ones); a cached thumbnail's latency; the page's
+  first load (bytes, requests).
 
 Usage:
     .venv/bin/python bench/bench_search.py            # everything (about 15 minutes on 2 CPU cores)
@@ -276,8 +278,22 @@ def _load(path: str) -> Any:
 # Web API under load
 
 
-def bench_load(seconds: float, clients: int, n_images: int) -> dict[str, Any]:
-    """``clients`` threads send text searches (and fetch the top image) for ``seconds`` each; bounded loops."""
+def _fill_with_generated(images: Path, count: int, seed: int = 0) -> None:
+    """``count`` small generated JPEGs (noise over a colour field), so an index reaches the benchmark's size
+    when Flickr8k has fewer images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        base = rng.integers(0, 255, 3, dtype=np.uint8)
+        pixels = np.clip(base + rng.normal(0, 40, (96, 128, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"generated-{i:05d}.jpg", quality=80)
+
+
+def bench_load(seconds: float, clients: int, n_images: int, upload_every: int = 4) -> dict[str, Any]:
+    """``clients`` threads call the web API for ``seconds`` (bounded loops): text searches, and every
+    ``upload_every``-th request an image upload (an indexed Flickr8k photo) searched by image. Then the
+    thumbnail route for a cached thumbnail, and the page's first load (bytes and requests)."""
     import httpx
     import torch
     import uvicorn
@@ -290,11 +306,18 @@ def bench_load(seconds: float, clients: int, n_images: int) -> dict[str, Any]:
     try:
         images = work / "images"
         images.mkdir()
-        for e in sorted(os.listdir(FLICKR))[:n_images]:
-            os.symlink(FLICKR / e, images / e)
+        flickr = sorted(os.listdir(FLICKR))[:n_images]
+        for e in flickr:  # copies, not links: the server refuses links that lead outside the indexed folder
+            try:
+                os.link(FLICKR / e, images / e)
+            except OSError:
+                shutil.copyfile(FLICKR / e, images / e)
+        _fill_with_generated(images, n_images - len(flickr))
         torch.manual_seed(0)
         create_model("tiny").save(work / "model")
-        build_index(work / "model", images, work / "index", workers=1)
+        t = time.perf_counter()
+        report = build_index(work / "model", images, work / "index", workers=1)
+        print(f"indexed {report.total} images in {time.perf_counter() - t:.0f} s", flush=True)
         import socket
 
         with socket.socket() as s:
@@ -307,27 +330,34 @@ def bench_load(seconds: float, clients: int, n_images: int) -> dict[str, Any]:
         thread.start()
         while not server.started:
             time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
         words = ["dog", "a child playing", "two people on a beach", "a red car", "mountain", "a man in a hat"]
-        latencies: list[float] = []
+        uploads = [(FLICKR / name).read_bytes() for name in flickr[:20]]
+        latencies: dict[str, list[float]] = {"text": [], "image": []}
         errors: list[str] = []
         lock = threading.Lock()
         deadline = time.monotonic() + seconds
 
         def client(i: int) -> None:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            with httpx.Client(base_url=base, timeout=30) as c:
                 j = 0
                 while time.monotonic() < deadline:
+                    kind = "image" if (i + j) % upload_every == 0 else "text"
                     t = time.perf_counter()
-                    r = c.get("/api/search/text", params={"q": words[(i + j) % len(words)], "k": 10})
-                    ok = r.status_code == 200
-                    if ok:
-                        img = c.get(r.json()["results"][0]["url"])
-                        ok = img.status_code == 200
+                    if kind == "text":
+                        r = c.get("/api/search/text", params={"q": words[(i + j) % len(words)], "k": 24})
+                    else:
+                        data = uploads[(i + j) % len(uploads)]
+                        r = c.post(
+                            "/api/search/image",
+                            files={"file": ("q.jpg", data, "image/jpeg")},
+                            data={"k": "24"},
+                        )
                     elapsed = time.perf_counter() - t
                     with lock:
-                        latencies.append(elapsed)
-                        if not ok:
-                            errors.append(f"{r.status_code}")
+                        latencies[kind].append(elapsed)
+                        if r.status_code != 200 or len(r.json()["results"]) != 24:
+                            errors.append(f"{kind} {r.status_code} {r.text[:80]}")
                     j += 1
 
         t0 = time.perf_counter()
@@ -337,18 +367,61 @@ def bench_load(seconds: float, clients: int, n_images: int) -> dict[str, Any]:
         for th in threads:
             th.join()
         wall = time.perf_counter() - t0
+        every = latencies["text"] + latencies["image"]
+
+        # thumbnails: made once (cold), then served from the cache (warm); one client, sequential
+        with httpx.Client(base_url=base, timeout=30) as c:
+            rows = c.get("/api/search/text", params={"q": "a dog", "k": 50}).json()["results"]
+            cold, warm = [], []
+            for r in rows:
+                t = time.perf_counter()
+                ok = c.get(r["thumb"]).status_code == 200
+                cold.append(time.perf_counter() - t)
+                errors += [] if ok else [f"thumb {r['thumb']}: {c.get(r['thumb']).text[:100]}"]
+            for _ in range(4):
+                for r in rows:
+                    t = time.perf_counter()
+                    c.get(r["thumb"])
+                    warm.append(time.perf_counter() - t)
+            # the page's first load: the HTML, what it links, and the info call its script makes
+            page = c.get("/")
+            first_load = [("/", len(page.content))]
+            for url in ("/static/app.css", "/static/app.js", "/api/info"):
+                first_load.append((url, len(c.get(url).content)))
         server.should_exit = True
         thread.join(timeout=10)
         result = {
             "clients": clients,
             "seconds": round(wall, 1),
-            "index_images": n_images,
-            "requests": len(latencies),
-            "throughput_per_s": round(len(latencies) / wall, 1),
-            "p50_ms": round(percentile_ms(latencies, 50), 1),
-            "p99_ms": round(percentile_ms(latencies, 99), 1),
+            "index_images": report.total,
+            "index_flickr8k_images": len(flickr),
+            "requests": len(every),
+            "throughput_per_s": round(len(every) / wall, 1),
+            "p50_ms": round(percentile_ms(every, 50), 1),
+            "p99_ms": round(percentile_ms(every, 99), 1),
+            "text": {
+                "requests": len(latencies["text"]),
+                "p50_ms": round(percentile_ms(latencies["text"], 50), 1),
+                "p99_ms": round(percentile_ms(latencies["text"], 99), 1),
+            },
+            "image": {
+                "requests": len(latencies["image"]),
+                "p50_ms": round(percentile_ms(latencies["image"], 50), 1),
+                "p99_ms": round(percentile_ms(latencies["image"], 99), 1),
+            },
             "errors": len(errors),
-            "note": "one request = text search (k=10) + fetching the top image; tiny preset model",
+            "error_examples": sorted(set(errors))[:5],
+            "thumbnail_cold_p50_ms": round(percentile_ms(cold, 50), 2),
+            "thumbnail_cached_p50_ms": round(percentile_ms(warm, 50), 2),
+            "thumbnail_cached_p99_ms": round(percentile_ms(warm, 99), 2),
+            "first_load_requests": len(first_load),
+            "first_load_bytes": sum(n for _, n in first_load),
+            "first_load": dict(first_load),
+            "load_average_1min_after": round(os.getloadavg()[0], 2),
+            "note": (
+                f"one request = one API call, k=24: text search, or (every {upload_every}th) an image upload "
+                "searched by image; tiny preset model"
+            ),
         }
         print(json.dumps(result, indent=1), flush=True)
         return result
@@ -375,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["fp32", "bf16", "auto"],
         default="fp32",
         help="both contenders of the embed section",
+    )
+    parser.add_argument(
+        "--load-images",
+        type=int,
+        default=10_000,
+        help="index size of the load section (Flickr8k + generated)",
     )
     parser.add_argument("--note", default="", help="free text stored with the embedding figures")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/search[-quick].json)")
@@ -433,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     if "load" in sections:
         print("== web API under load ==", flush=True)
         if FLICKR.is_dir():
-            results["load"] = bench_load(5 if args.quick else 30, 8, 200 if args.quick else 2000)
+            results["load"] = bench_load(5 if args.quick else 30, 8, 200 if args.quick else args.load_images)
+            save()
     save()
     print(f"wrote {out}")
     return 0

@@ -116,3 +116,38 @@ def test_train_and_finetune_take_the_same_run_flags(command, capsys):
 
 def test_finetune_still_reads_the_deprecated_out_flag():
     assert build_parser().parse_args(["finetune", "--out", "runs/y"]).output_dir == "runs/y"
+
+
+def _all_parsers(parser, prefix=()):
+    import argparse
+
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*prefix, name))
+
+
+def test_every_flag_has_help_and_says_its_default_once():
+    """Help used to print defaults twice ('(default: localhost only) (default: 127.0.0.1)') and --port,
+    --batch-size had none."""
+    import argparse
+
+    problems = []
+    for path, parser in _all_parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(
+                action, (argparse._HelpAction, argparse._VersionAction)
+            ):
+                continue
+            where = f"{' '.join(path)} {action.option_strings[-1]}"
+            if not action.help:
+                problems.append(f"{where}: no help")
+                continue
+            text = formatter._expand_help(action)
+            if text.lower().count("default") > 1:
+                problems.append(f"{where}: {text!r}")
+            if "(default: None)" in text or "(default: False)" in text:
+                problems.append(f"{where}: {text!r}")
+    assert not problems, "\n".join(problems)

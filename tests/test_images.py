@@ -100,3 +100,24 @@ def test_paths_and_bytes_go_through_the_same_checks(tmp_path, monkeypatch):
         decode_image(tmp_path / "gone.png")
     assert info.value.kind == MISSING_FILE
     assert decode_image(tmp_path / "big.png", max_pixels=10_000).size == (100, 100)  # a caller's own limit
+
+
+def test_draft_decoding_is_a_faster_path_to_the_same_thumbnail(tmp_path):
+    """decode_image(draft=N) decodes a JPEG at a reduced scale, never below N; its thumbnail matches the
+    thumbnail of the full decode (parity of the fast path)."""
+    from clipcraft.images import decode_image
+
+    y, x = np.mgrid[0:1200, 0:1600]
+    arr = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "big.jpg", quality=90)
+    full = decode_image(tmp_path / "big.jpg")
+    fast = decode_image(tmp_path / "big.jpg", draft=256)
+    assert full.size == (1600, 1200) and fast.size[0] < 1600 and min(fast.size) >= 256
+    full.thumbnail((256, 256), resample=3)
+    fast.thumbnail((256, 256), resample=3)
+    assert full.size == fast.size
+    diff = np.abs(np.asarray(full, np.float32) - np.asarray(fast, np.float32)).mean()
+    assert diff < 12.0
+    png = tmp_path / "big.png"
+    Image.fromarray(arr).save(png)
+    assert decode_image(png, draft=256).size == (1600, 1200)  # formats without draft decode in full

@@ -98,3 +98,29 @@ def test_grid_is_capped_and_says_so_and_k_has_a_long_name(built, tmp_path, capsy
     with Image.open(grid) as img:
         cols, rows = 4, 1  # query + 3 results, one row
         assert img.width <= cols * 250 and img.height <= rows * 300
+
+
+def test_ctrl_c_in_index_build_says_what_was_saved_and_how_to_continue(built, tmp_path, capsys, monkeypatch):
+    """Ctrl-C used to end in a raw KeyboardInterrupt traceback."""
+    import clipcraft.encoding as encoding
+
+    real = encoding.iter_images
+
+    def interrupted_after_one_batch(*args, **kwargs):
+        for n, batch in enumerate(real(*args, **kwargs)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(encoding, "iter_images", interrupted_after_one_batch)
+    out = tmp_path / "photos.index"
+    argv = ["index", "build", "--model", str(built / "model"), "--images", str(built / "images")]
+    argv += ["--out", str(out), "--batch-size", "2", "--quiet"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "2 images embedded so far are saved" in err and f".{out.name}.partial" in err
+    assert "clipcraft index build --model" in err and f"--out {out}" in err
+    monkeypatch.setattr(encoding, "iter_images", real)
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"] == 2

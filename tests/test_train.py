@@ -451,6 +451,60 @@ def test_train_command_runs_and_resumes_from_the_run_directory(scenes: Path, tmp
     assert load_checkpoint(run)["state"]["step"] == 6
 
 
+def test_ctrl_c_in_train_says_what_was_saved_and_the_resume_command(
+    scenes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C used to end in a raw KeyboardInterrupt traceback; now: what was saved, and the command."""
+    from clipcraft.cli import main
+    from clipcraft.train.run import Run
+
+    real = Run.step_done
+
+    def interrupt_at_step_3(self: Run, samples: int) -> None:
+        real(self, samples)
+        if self.state["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "step_done", interrupt_at_step_3)
+    run = tmp_path / "run"
+    (tmp_path / "c.json").write_text(json.dumps(_config(scenes, run, epochs=1).to_dict()))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "checkpoint_every=2"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "checkpoint at step 2" in err and f"clipcraft train --resume {run}" in err
+    monkeypatch.setattr(Run, "step_done", real)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert load_checkpoint(run)["state"]["step"] == 6
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_can_be_resumed(
+    scenes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipcraft.cli import main
+    from clipcraft.train.run import Run
+
+    def interrupt(self: Run, samples: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "step_done", interrupt)
+    run = tmp_path / "run"
+    (tmp_path / "c.json").write_text(json.dumps(_config(scenes, run, epochs=1).to_dict()))
+    assert main(["train", "--config", str(tmp_path / "c.json")]) == 130
+    err = capsys.readouterr().err
+    assert "no checkpoint was written" in err.lower() and "clipcraft train --config" in err
+
+
+def test_the_locked_text_towers_feature_cache_shows_progress(
+    scenes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Caching 30,000 captions used to run for minutes with no output at all."""
+    train(_config(scenes, tmp_path / "run", epochs=1, lock_text=True))
+    out, err = capsys.readouterr()
+    assert "text features" in err and "100%" in err
+    assert "validating on 8 images" in out and "embedding images" in err  # so do validation and test
+    assert "testing the best model on 8 images" in out
+
+
 def test_model_overrides_may_not_set_what_a_training_field_owns(scenes: Path, tmp_path: Path) -> None:
     """Tower locking has one owner, the training fields: a model_overrides entry that sets it used to be
     overwritten silently by lock_image=false."""

@@ -32,7 +32,14 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Examples kept as written, and each flag's default shown once: argparse adds ``(default: X)``, except
+    where there is nothing to show (no default, a switch that is off, a required flag); help texts for
+    those say in words what happens without the flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -304,11 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # so a command can print how to rerun itself
     try:
         return int(args.func(args))
     except ClipcraftError as exc:
         print(f"clipcraft: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # commands with work to keep (train, index build) say more before this
+        print("clipcraft: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -76,6 +76,14 @@ def check_batch_size(args: argparse.Namespace) -> None:
         raise ClipcraftError(f"--batch-size must be >= 1; got {args.batch_size}.")
 
 
+def rerun_command(args: argparse.Namespace) -> str:
+    """The shell command line that runs this ``clipcraft`` command again, as typed (``main`` records the
+    arguments in ``args.argv``), quoted where needed."""
+    import shlex
+
+    return shlex.join(["clipcraft", *getattr(args, "argv", [])])
+
+
 def print_help_and_fail(parser: argparse.ArgumentParser) -> int:
     """What a command group (``eval``, ``index``, ``export``) does when no action is given: help, exit 2."""
     parser.print_help()

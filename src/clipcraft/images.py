@@ -138,9 +138,13 @@ def _source(source: ImageSource, where: str | None) -> tuple[Path | bytes, str]:
 
 
 def decode_image(
-    source: ImageSource, where: str | None = None, *, max_pixels: int | None = None
+    source: ImageSource, where: str | None = None, *, max_pixels: int | None = None, draft: int | None = None
 ) -> Image.Image:
     """Decode a file path or encoded bytes into an 8-bit RGB PIL image (EXIF orientation applied).
+
+    ``draft``: the caller will shrink the image to fit ``draft`` x ``draft``; formats that can decode at a
+    reduced scale (JPEG: 1/2, 1/4, 1/8) then do so, never below that size (several times faster for
+    thumbnails). Other formats decode in full.
 
     Raises :class:`BadImageError` with ``kind`` :data:`MISSING_FILE` (no such file), :data:`TOO_LARGE` (over
     ``max_pixels``, default :data:`MAX_IMAGE_PIXELS`, checked from the header before decoding) or
@@ -149,6 +153,8 @@ def decode_image(
     """
     source, where = _source(source, where)
     with _opened(source, where, max_pixels, "decode") as opened:
+        if draft is not None and opened.format == "JPEG":
+            opened.draft("RGB", (draft, draft))
         opened.load()  # decode now so truncated data fails here, with the source's name
         return to_rgb(ImageOps.exif_transpose(opened))
 

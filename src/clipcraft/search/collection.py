@@ -37,3 +37,52 @@ def read_captions(path: str | os.PathLike[str]) -> list[str]:
     if not captions:
         raise ClipcraftError(f"Caption file {p} holds no captions.")
     return captions
+
+
+IMAGE_COLUMNS = ("image", "file", "filename", "path")  # a caption CSV's column naming each caption's image
+
+
+def read_image_captions(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Each image's own captions from a caption CSV with an image column (``image``, ``file``, ``filename``
+    or ``path``) and a ``caption`` column, e.g. Flickr8k's ``captions.txt`` saved as ``.csv``: image name as
+    written in the file -> its captions in file order, duplicates and blanks dropped. Any other file (plain
+    text, a CSV without those columns) names no images: ``{}``. Errors as :func:`read_captions`."""
+    p = Path(path)
+    if p.suffix.lower() != ".csv":
+        return {}
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClipcraftError(f"Could not read caption file {p}: {exc}. It must be UTF-8 text.") from exc
+    rows = list(csv.reader(text.splitlines()))
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    image_column = next((header.index(c) for c in IMAGE_COLUMNS if c in header), None)
+    if image_column is None or "caption" not in header:
+        return {}
+    caption_column = header.index("caption")
+    found: dict[str, dict[str, None]] = {}
+    for row in rows[1:]:
+        if len(row) > max(image_column, caption_column):
+            name, caption = row[image_column].strip(), row[caption_column].strip()
+            if name and caption:
+                found.setdefault(name, {})[caption] = None
+    return {name: list(captions) for name, captions in found.items()}
+
+
+def match_image_captions(named: dict[str, list[str]], paths: list[str]) -> dict[str, list[str]]:
+    """The captions of each indexed file: ``named`` (from :func:`read_image_captions`) matched to the index's
+    relative ``paths`` by the full relative path, else by file name when that name is unique in the index.
+    Returns relative path -> captions, for the files that have some."""
+    if not named:
+        return {}
+    by_name: dict[str, list[str]] = {}
+    for rel in paths:
+        by_name.setdefault(Path(rel).name, []).append(rel)
+    out: dict[str, list[str]] = {}
+    for name, captions in named.items():
+        key = name.replace("\\", "/").removeprefix("./")
+        if key in by_name.get(Path(key).name, []):
+            out[key] = captions
+        elif len(by_name.get(Path(key).name, [])) == 1:
+            out[by_name[Path(key).name][0]] = captions
+    return out

@@ -8,31 +8,46 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from clipcraft.errors import ClipcraftError
-from clipcraft.flags import add_encoding, device_of, print_help_and_fail
+from clipcraft.flags import add_encoding, device_of, print_help_and_fail, rerun_command
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from clipcraft.search.ann import IndexConfig
-    from clipcraft.search.index import build_index
+    from clipcraft.search.index import build_index, saved_by_interrupted_build
 
     config = IndexConfig(
         kind=args.kind, exact_threshold=args.exact_threshold, target_recall=args.target_recall
     )
-    report = build_index(
-        args.model,
-        args.images,
-        args.out,
-        captions=args.captions,
-        config=config,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        precision=args.precision,
-        device=device_of(args.device),
-        progress=not args.quiet,
-    )
+    try:
+        report = build_index(
+            args.model,
+            args.images,
+            args.out,
+            captions=args.captions,
+            config=config,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            precision=args.precision,
+            device=device_of(args.device),
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        folder, saved = saved_by_interrupted_build(args.out)
+        kept = (
+            "the index there is unchanged"
+            if (Path(args.out) / "manifest.json").is_file()
+            else "none written yet"
+        )
+        print(
+            f"\nInterrupted. {saved} images embedded so far are saved in {folder} (index {args.out}: {kept}).\n"
+            f"Run the same command again to continue where it stopped:\n  {rerun_command(args)}",
+            file=sys.stderr,
+        )
+        return 130
     print(json.dumps(report.to_dict()) if args.json else report.summary())
     return 0
 
@@ -76,8 +91,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.grid:
         if args.captions:
             raise ClipcraftError("--grid draws image results; it cannot be combined with --captions.")
-        from pathlib import Path
-
         from clipcraft.search import sheet
 
         query = args.text if args.text is not None else args.image
@@ -105,7 +118,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from clipcraft.templates import load_templates
 
     templates = load_templates(args.templates) if args.templates else None
-    serve(args.index, host=args.host, port=args.port, model=args.model, templates=templates)
+    serve(
+        args.index,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        templates=templates,
+        thumb_dir=args.thumb_dir,
+    )
     return 0
 
 
@@ -170,17 +190,27 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     v = subparsers.add_parser(
         "serve",
         help="serve a search page and JSON API for an index",
+        description="Serve the search page (text or image queries, more like this, near-duplicate filter, "
+        "zero-shot labels, a large view with captions) and its JSON API (docs at /docs), offline. Binds to "
+        "this machine only unless --host says otherwise.",
         epilog="Examples:\n  clipcraft serve photos.index --port 8000   # then open http://127.0.0.1:8000/\n"
         "  clipcraft serve photos.index --templates prompts.txt   # zero-shot prompts, one per line with {}",
         formatter_class=formatter_class,
     )
     v.add_argument("index", help="index directory")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only, 0.0.0.0 all"
+    )
+    v.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     v.add_argument("--model", default=None, help="model directory (default: the one that built the index)")
     v.add_argument(
         "--templates",
         default=None,
         help="zero-shot prompt templates file, one per line with {} (default: built-in)",
+    )
+    v.add_argument(
+        "--thumb-dir",
+        default=None,
+        help="folder for cached thumbnails (default: .<index name>.thumbs beside the index)",
     )
     v.set_defaults(func=_cmd_serve)

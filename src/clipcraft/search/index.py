@@ -8,6 +8,8 @@ An index directory holds::
     index.faiss              the FAISS index over them (exact, IVF or HNSW)
     captions.json            optional captions for image->text search
     caption_embeddings.npy   (C, D) float32 unit text embeddings
+    image_captions.json      optional: each file's own captions (relative path -> captions), when the
+                             caption file names images (a CSV with image and caption columns)
 
 A build writes the new directory beside the old one and renames it into place, so the index on disk is always
 complete. Embeddings computed so far are also saved, batch by batch, in ``.<name>.partial/`` beside the index,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,9 +41,17 @@ from clipcraft.files import atomic_dir, atomic_file
 from clipcraft.images import IMAGE_EXTENSIONS, ImageInput
 from clipcraft.precision import INFERENCE_DEFAULT, Precision, resolve_precision
 from clipcraft.search.ann import IndexConfig, build_faiss, import_faiss, set_search_params
-from clipcraft.search.collection import read_captions
+from clipcraft.search.collection import match_image_captions, read_captions, read_image_captions
 
-__all__ = ["BuildReport", "CaptionResult", "Index", "IndexConfig", "SearchResult", "build_index"]
+__all__ = [
+    "BuildReport",
+    "CaptionResult",
+    "Index",
+    "IndexConfig",
+    "SearchResult",
+    "build_index",
+    "saved_by_interrupted_build",
+]
 
 INDEX_FORMAT = "clipcraft-index"
 INDEX_FORMAT_VERSION = 1
@@ -50,6 +61,8 @@ EMBEDDINGS = "embeddings.npy"
 FAISS_FILE = "index.faiss"
 CAPTIONS = "captions.json"
 CAPTION_EMBEDDINGS = "caption_embeddings.npy"
+IMAGE_CAPTIONS = "image_captions.json"
+SLOW_FAISS_BUILD = 20_000  # from this many images the FAISS build gets a line of progress
 MAX_SKIPPED_LISTED = 1000  # the report lists at most this many unreadable files (all are counted)
 
 
@@ -180,6 +193,20 @@ class _Partial:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def saved_by_interrupted_build(out: str | os.PathLike[str]) -> tuple[Path, int]:
+    """The folder where a build of ``out`` keeps its embeddings batch by batch, and how many images it holds
+    (0 when there is none): what an interrupted build leaves for the next run of the same command."""
+    folder = Path(out).parent / f".{Path(out).name}.partial"
+    count = 0
+    for f in folder.glob("batch-*.npz"):
+        try:
+            with np.load(f) as z:
+                count += len(z["paths"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return folder, count
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Build
 
@@ -246,8 +273,10 @@ def build_index(
     known: dict[tuple[str, int, int], np.ndarray] = {}
     old_captions: tuple[list[str], np.ndarray] | None = None
     old_files: dict[str, tuple[int, int]] = {}
+    image_captions: dict[str, list[str]] = {}
     if (target / MANIFEST).is_file():
         old = Index.load(target, model=net, identity=identity)
+        image_captions = old.image_captions if old.root == str(root) else {}
         if old.precision is settings.precision:
             old_captions = (old.captions, old.caption_embeddings) if old.captions else None
             if old.root == str(root):
@@ -284,6 +313,10 @@ def build_index(
     report.embedded = len(new)
 
     kept = [e for e in entries if e.path not in skipped]
+    if caption_list is not None:
+        image_captions = match_image_captions(read_image_captions(captions), [e.path for e in kept])  # type: ignore[arg-type]
+    kept_paths = {e.path for e in kept}
+    image_captions = {p: c for p, c in image_captions.items() if p in kept_paths}
     keys = [(e.path, e.size, e.mtime_ns) for e in kept]
     vectors = (
         np.stack([new[k] if k in new else known[k] for k in keys]).astype(np.float32)
@@ -297,6 +330,8 @@ def build_index(
         else:
             text_settings = with_settings(settings, progress=progress)
             caption_rows = (caption_list, encode_texts(net, caption_list, text_settings).vectors)
+    if progress and len(vectors) >= SLOW_FAISS_BUILD:  # IVF training and tuning take a while: say so
+        print(f"building the search index over {len(vectors):,} embeddings ...", file=sys.stderr, flush=True)
     index, info = build_faiss(vectors.astype(np.float32), config)
 
     report.total = len(kept)
@@ -305,7 +340,9 @@ def build_index(
     report.captions = len(caption_rows[0]) if caption_rows else 0
     report.index = info
     report.seconds = time.perf_counter() - start
-    _write_index_dir(target, net, identity, root, kept, vectors, index, info, config, caption_rows, report)
+    _write_index_dir(
+        target, net, identity, root, kept, vectors, index, info, config, caption_rows, image_captions, report
+    )
     partial.remove()
     return report
 
@@ -321,6 +358,7 @@ def _write_index_dir(
     info: dict[str, Any],
     config: IndexConfig,
     captions: tuple[list[str], np.ndarray] | None,
+    image_captions: dict[str, list[str]],
     report: BuildReport,
 ) -> None:
     faiss = import_faiss()
@@ -346,6 +384,8 @@ def _write_index_dir(
         if captions is not None:
             _write_json(tmp / CAPTIONS, captions[0])
             np.save(tmp / CAPTION_EMBEDDINGS, captions[1].astype(np.float32))
+        if image_captions:
+            _write_json(tmp / IMAGE_CAPTIONS, image_captions)
         _write_json(tmp / MANIFEST, manifest)
 
 
@@ -357,7 +397,8 @@ class Index:
     """A built index, ready to search. Open one with :meth:`Index.load`.
 
     Attributes: ``root`` (the indexed folder), ``files`` (:class:`FileEntry` per row), ``embeddings`` (N, D)
-    float32 unit rows, ``captions`` (list, maybe empty) and ``caption_embeddings`` (C, D), ``manifest``.
+    float32 unit rows, ``captions`` (list, maybe empty) and ``caption_embeddings`` (C, D), ``manifest``,
+    ``image_captions`` (relative path -> that file's own captions; empty when the caption file named no images).
     """
 
     def __init__(
@@ -370,6 +411,7 @@ class Index:
         captions: list[str],
         caption_embeddings: np.ndarray,
         model: Any = None,
+        image_captions: dict[str, list[str]] | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -379,6 +421,7 @@ class Index:
         self.faiss_index = faiss_index
         self.captions = captions
         self.caption_embeddings = caption_embeddings
+        self.image_captions = image_captions or {}
         self._model = model
 
     def __len__(self) -> int:
@@ -400,6 +443,10 @@ class Index:
 
     def path_of(self, row: int) -> str:
         return str(Path(self.root) / self.files[row].path)
+
+    def captions_of(self, row: int) -> list[str]:
+        """The captions the caption file gave this image (empty when it gave none)."""
+        return self.image_captions.get(self.files[row].path, [])
 
     @classmethod
     def load(
@@ -443,12 +490,17 @@ class Index:
         if (root / CAPTIONS).is_file():
             captions = json.loads((root / CAPTIONS).read_text())
             caption_embeddings = np.load(root / CAPTION_EMBEDDINGS)
+        image_captions = {}
+        if (root / IMAGE_CAPTIONS).is_file():
+            image_captions = json.loads((root / IMAGE_CAPTIONS).read_text())
         if not (len(files) == embeddings.shape[0] == faiss_index.ntotal):
             raise ClipcraftError(
                 f"{root} is inconsistent: {len(files)} files, {embeddings.shape[0]} embeddings, "
                 f"{faiss_index.ntotal} indexed vectors. Rebuild it with `clipcraft index build`."
             )
-        index = cls(root, manifest, files, embeddings, faiss_index, captions, caption_embeddings)
+        index = cls(
+            root, manifest, files, embeddings, faiss_index, captions, caption_embeddings, None, image_captions
+        )
         if model is not None:
             index.set_model(model, identity=identity)
         return index

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from clipcraft.train.config import add_runtime_flags
@@ -45,6 +48,31 @@ def _run(args: argparse.Namespace) -> int:
 
     flags = {key: getattr(args, key) for key in ("data", "data_format", "output_dir", "device", "precision")}
     config = TrainConfig.from_dict(gather_config(args.resume, args.config, flags, args.overrides))
-    result = train(config, resume=args.resume)
+    try:
+        result = train(config, resume=args.resume)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one message
+            print(_interrupted(Path(args.resume or config.run.output_dir), args), file=sys.stderr)
+        return 130
     print(f"Run directory: {result.run_dir}")
     return 0
+
+
+def _interrupted(run_dir: Path, args: argparse.Namespace) -> str:
+    """What an interrupted run left in ``run_dir`` and the command that continues it (or starts it again)."""
+    from clipcraft.flags import rerun_command
+    from clipcraft.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+    models = [str(run_dir / name) for name in ("last", "best") if (run_dir / name).is_dir()]
+    saved = f"; models of finished epochs: {', '.join(models)}" if models else ""
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return (
+            f"\nInterrupted. No checkpoint was written yet in {run_dir}, so there is nothing to resume{saved}.\n"
+            f"Start again with:\n  {rerun_command(args)}"
+        )
+    state = load_checkpoint(run_dir)["state"]
+    return (
+        f"\nInterrupted. Saved in {run_dir}: the checkpoint at step {state['step']} (epoch {state['epoch'] + 1}, "
+        f"{state['batch']} batches into it){saved}. Steps after it are lost.\n"
+        f"Continue exactly from there with:\n  clipcraft train --resume {run_dir}"
+    )

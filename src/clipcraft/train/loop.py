@@ -494,6 +494,7 @@ def _end_of_epoch(
     metrics: dict[str, Any] = {}
     if rt.is_main:
         if val_set is not None:
+            log.info(f"epoch {state['epoch']}: validating on {len(val_set.records)} images")
             metrics, _ = validate_model(
                 model,
                 val_set,
@@ -503,6 +504,7 @@ def _end_of_epoch(
                 num_workers=config.loader.num_workers,
                 precision=rt.precision,
                 text_memo=text_memo,
+                progress=True,
             )
         log.metrics({"type": "epoch", "epoch": state["epoch"], "step": state["step"], **metrics})
         model.save(run_dir / "last")
@@ -538,6 +540,7 @@ def _finish(
     test_emb = None
     if test_split is not None:
         test_set = _open(config, config.data, test_split)
+        log.info(f"testing the best model on {len(test_set.records)} images ({test_split})")
         test_metrics, test_emb = validate_model(
             best,
             test_set,
@@ -546,6 +549,7 @@ def _finish(
             batch_size=config.loader.eval_batch_size,
             num_workers=config.loader.num_workers,
             precision=rt.precision,
+            progress=True,
         )
         out.update({f"test_{k}": v for k, v in test_metrics.items()})
         log.info(

@@ -40,14 +40,20 @@ def embed_split(
     num_workers: int,
     precision: Precision,
     text_memo: dict[str, np.ndarray] | None = None,
+    progress: bool = False,
 ) -> RetrievalEmbeddings:
     """Embeddings of every good image of ``dataset`` and all of its captions.
 
     ``text_memo``, when given and the text tower is fully locked, keeps the captions' tower features between
-    calls (the tower cannot change), so validating every epoch runs the text tower once.
+    calls (the tower cannot change), so validating every epoch runs the text tower once. ``progress``: bars
+    on stderr.
     """
     settings = EncodeSettings(
-        precision=precision, batch_size=batch_size, text_batch_size=batch_size * 4, workers=num_workers
+        precision=precision,
+        batch_size=batch_size,
+        text_batch_size=batch_size * 4,
+        workers=num_workers,
+        progress=progress,
     )
     images = encode_images(model, [record.image for record in dataset.records], settings)
     good = images.kept
@@ -86,9 +92,10 @@ def validate_model(
     num_workers: int,
     precision: Precision,
     text_memo: dict[str, np.ndarray] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, float], RetrievalEmbeddings]:
     """Retrieval metrics, their mean recall, and the validation loss (each image with its first caption, in
-    batches of ``loss_batch`` like training)."""
+    batches of ``loss_batch`` like training); ``progress``: bars on stderr while embedding."""
     emb = embed_split(
         model,
         dataset,
@@ -96,6 +103,7 @@ def validate_model(
         num_workers=num_workers,
         precision=precision,
         text_memo=text_memo,
+        progress=progress,
     )
     metrics = retrieval_metrics(emb.images, emb.texts, emb.text_to_image)
     first = np.searchsorted(emb.text_to_image, np.arange(len(emb.images)))  # first caption of each image
