@@ -235,3 +235,39 @@ def test_gathered_losses_equal_single_process_on_the_global_batch(tmp_path):
         _assert_float64_close(
             (torch.cat([r[1] for r in ranks]) / WORLD, torch.cat([r[2] for r in ranks]) / WORLD), ref[1:]
         )
+
+
+def reference_smoothed_clip(img, txt, scale, k, eps):
+    """Cross-entropy against explicit smoothed target rows: (1 - eps) over each row's matches + eps uniform."""
+    b = img.shape[0]
+    logits = scale * img @ txt.T  # (B, B*k)
+    target_i = torch.full_like(logits, eps / logits.shape[1])
+    target_t = torch.full_like(logits.T, eps / b)
+    for i in range(b):
+        for j in range(k):
+            target_i[i, i * k + j] += (1 - eps) / k
+            target_t[i * k + j, i] += 1 - eps
+    loss_i = -(target_i * logits.log_softmax(dim=1)).sum(1).mean()
+    loss_t = -(target_t * logits.T.log_softmax(dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets(k: int) -> None:
+    img, txt = _float64_pair(6, k, seed=5)
+    for eps in (0.0, 0.1, 0.4):
+        ours = clip_loss(img, txt, 10.0, label_smoothing=eps)
+        assert ours.item() == pytest.approx(reference_smoothed_clip(img, txt, 10.0, k, eps).item(), abs=1e-10)
+    smoothed, plain = clip_loss(img, txt, 10.0, label_smoothing=0.1), clip_loss(img, txt, 10.0)
+    assert abs(smoothed.item() - plain.item()) > 1e-3  # not a no-op
+    if k == 1:  # one match per row: exactly torch's own label smoothing on both sides
+        logits = 10.0 * img @ txt.T
+        target = torch.arange(6)
+        torch_ls = (F.cross_entropy(logits, target, label_smoothing=0.2) + F.cross_entropy(logits.T, target, label_smoothing=0.2)) / 2  # fmt: skip
+        assert clip_loss(img, txt, 10.0, label_smoothing=0.2).item() == pytest.approx(
+            torch_ls.item(), abs=1e-10
+        )
+    with pytest.raises(ValueError, match="label_smoothing"):
+        clip_loss(img, txt, 10.0, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="clip loss"):
+        build_loss("siglip", label_smoothing=0.1)

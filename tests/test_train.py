@@ -615,3 +615,31 @@ def test_tower_locking_has_one_owner() -> None:
         tower_overrides({"text": {"lock": True}}, lock_text=False)
     with pytest.raises(ClipcraftError, match="grad_checkpointing"):
         tower_overrides({"image.grad_checkpointing": True})
+
+
+def test_temperature_settings_and_label_smoothing_reach_the_step(scenes: Path, tmp_path: Path) -> None:
+    """The temperature's own rate, a fixed temperature, and label smoothing: each changes what trains."""
+    import math
+
+    from clipcraft import create_model
+    from clipcraft.losses import ClipLoss, build_loss
+    from clipcraft.train.optim import param_groups
+
+    config = _config(scenes, tmp_path / "x", lr_logit_scale=0.05, label_smoothing=0.1)
+    rates = config.learning_rates()
+    assert rates["logit"] == 0.05 and rates["heads"] == config.lr_heads
+    model = create_model("tiny")
+    groups = {g["name"]: g for g in param_groups(model, rates, 0.1)}
+    assert groups["logit_no_decay"]["lr"] == 0.05 and groups["logit_no_decay"]["weight_decay"] == 0.0
+
+    fixed = train(_config(scenes, tmp_path / "fixed", learn_logit_scale=False, lr_heads=0.05, epochs=1))
+    moved = train(_config(scenes, tmp_path / "moved", lr_heads=0.05, epochs=1))
+    init = math.log(1 / 0.07)
+    assert load(fixed.last_model).logit_scale.item() == pytest.approx(init, abs=1e-7)
+    assert abs(load(moved.last_model).logit_scale.item() - init) > 1e-4
+
+    smoothed = train(_config(scenes, tmp_path / "smooth", label_smoothing=0.3, epochs=1))
+    plain = train(_config(scenes, tmp_path / "plain", epochs=1))
+    first = [r["loss"] for r in _rows(smoothed.run_dir, "step")][0]
+    assert first != pytest.approx(_rows(plain.run_dir, "step")[0]["loss"], abs=1e-4)  # the step saw it
+    assert isinstance(build_loss("clip", label_smoothing=0.3), ClipLoss)

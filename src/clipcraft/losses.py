@@ -60,7 +60,12 @@ def _positives(batch: int, k: int, offset: int, device: torch.device) -> tuple[T
 
 
 def clip_loss(
-    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, *, distributed: bool = False
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    distributed: bool = False,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Symmetric cross-entropy (CLIP / InfoNCE) over scaled cosine similarities.
 
@@ -69,19 +74,26 @@ def clip_loss(
         text_emb: (B*k, D) normalised text embeddings; rows i*k ... i*k+k-1 match image row i.
         logit_scale: scalar multiplier (exp of the learnable log scale).
         distributed: gather columns from all ranks (see the module docstring).
+        label_smoothing: epsilon in [0, 1): each row's target keeps 1 - epsilon on its match(es) and spreads
+            epsilon evenly over all of its columns (as ``F.cross_entropy(label_smoothing=...)``); 0 is CLIP.
 
     Returns: scalar loss in float32 (float64 for float64 inputs), the mean of the image->text and
     text->image cross-entropies. With k > 1 each image's target spreads evenly over its k captions (the mean
     of the k cross-entropies), and each caption's target is its image; k = 1 is the usual CLIP loss.
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
     image_emb, text_emb = _at_least_float32(image_emb, text_emb)
     k = captions_per_image(image_emb, text_emb)
     all_images, all_texts, offset = _columns(image_emb, text_emb, distributed)
     logits_per_image = logit_scale * image_emb @ all_texts.T  # (B, N*B*k)
     logits_per_text = logit_scale * text_emb @ all_images.T  # (B*k, N*B)
     rows, cols = _positives(image_emb.shape[0], k, offset, image_emb.device)
-    image_loss = -logits_per_image.log_softmax(dim=1)[rows, cols].mean()
-    text_loss = F.cross_entropy(logits_per_text, rows + offset)
+    log_probs = logits_per_image.log_softmax(dim=1)  # (B, N*B*k)
+    image_loss = -log_probs[rows, cols].mean()  # the k matches of each row, averaged
+    if label_smoothing:
+        image_loss = (1 - label_smoothing) * image_loss - label_smoothing * log_probs.mean()
+    text_loss = F.cross_entropy(logits_per_text, rows + offset, label_smoothing=label_smoothing)
     return (image_loss + text_loss) / 2
 
 
@@ -113,14 +125,19 @@ def siglip_loss(
 class ClipLoss(nn.Module):
     """:func:`clip_loss` on a model output."""
 
-    def __init__(self, distributed: bool = False) -> None:
+    def __init__(self, distributed: bool = False, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.distributed = distributed
+        self.label_smoothing = label_smoothing
 
     def forward(self, output: ClipOutput) -> Tensor:
         assert output.image_embeddings is not None and output.text_embeddings is not None
         return clip_loss(
-            output.image_embeddings, output.text_embeddings, output.logit_scale, distributed=self.distributed
+            output.image_embeddings,
+            output.text_embeddings,
+            output.logit_scale,
+            distributed=self.distributed,
+            label_smoothing=self.label_smoothing,
         )
 
 
@@ -142,12 +159,15 @@ class SigLipLoss(nn.Module):
         )
 
 
-def build_loss(name: str, distributed: bool = False) -> nn.Module:
-    """``"clip"`` or ``"siglip"`` as a module taking a :class:`~clipcraft.model.ClipOutput`."""
+def build_loss(name: str, distributed: bool = False, label_smoothing: float = 0.0) -> nn.Module:
+    """``"clip"`` or ``"siglip"`` as a module taking a :class:`~clipcraft.model.ClipOutput`;
+    ``label_smoothing`` applies to the softmax (CLIP) loss only (a sigmoid loss has no class distribution)."""
     from clipcraft.errors import unknown_name
 
+    if label_smoothing and name != "clip":
+        raise ValueError(f"label_smoothing applies to the clip loss, not {name!r}")
     if name == "clip":
-        return ClipLoss(distributed)
+        return ClipLoss(distributed, label_smoothing)
     if name == "siglip":
         return SigLipLoss(distributed)
     raise unknown_name("loss", name, list(LOSS_NAMES))

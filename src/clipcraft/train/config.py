@@ -99,7 +99,12 @@ class TrainConfig:
     # -- learning
     lr_image_tower: float = 1e-5
     lr_text_tower: float = 1e-5
-    lr_heads: float = 1e-3  # heads, and the logit scale and bias
+    lr_heads: float = 1e-3  # heads, and (unless lr_logit_scale is set) the logit scale and bias
+    lr_logit_scale: float | None = (
+        None  # the temperature's own rate (no weight decay either way); None: lr_heads
+    )
+    learn_logit_scale: bool = True  # False: the temperature stays at the model's initial value
+    label_smoothing: float = 0.0  # clip loss only: 1 - eps on the match(es), eps spread over all columns
     grad_accum_steps: int = 1  # split each batch into micro-batches; the loss stays the full-batch loss
     loss: str = "clip"  # clip | siglip
     captions_per_image: int = 1  # captions of each image in every step (k > 1 needs a cached text tower)
@@ -117,7 +122,7 @@ class TrainConfig:
             "image_tower": self.lr_image_tower,
             "text_tower": self.lr_text_tower,
             "heads": self.lr_heads,
-            "logit": self.lr_heads,
+            "logit": self.lr_heads if self.lr_logit_scale is None else self.lr_logit_scale,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -79,6 +79,8 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
     model = _build_model(config, overrides).to(rt.device)
     if config.loss == "clip":
         model.logit_bias.requires_grad_(False)  # unused by the softmax loss (and DDP insists on used params)
+    if not config.learn_logit_scale:
+        model.logit_scale.requires_grad_(False)  # a fixed temperature
     _check_captions_per_image(config, model)
 
     # -- data: read, check before training, and open the validation split
@@ -129,7 +131,7 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
-    loss_fn = build_loss(config.loss, distributed=rt.distributed)
+    loss_fn = build_loss(config.loss, distributed=rt.distributed, label_smoothing=config.label_smoothing)
 
     def training_state() -> dict[str, Any]:
         return {
