@@ -643,3 +643,20 @@ def test_temperature_settings_and_label_smoothing_reach_the_step(scenes: Path, t
     first = [r["loss"] for r in _rows(smoothed.run_dir, "step")][0]
     assert first != pytest.approx(_rows(plain.run_dir, "step")[0]["loss"], abs=1e-4)  # the step saw it
     assert isinstance(build_loss("clip", label_smoothing=0.3), ClipLoss)
+
+
+def test_training_saves_the_average_and_resumes_it_exactly(scenes: Path, tmp_path: Path) -> None:
+    straight = train(_config(scenes, tmp_path / "straight", ema_decay=0.9))
+    raw = load_checkpoint(straight.run_dir)["model"]
+    saved = _weights(straight.last_model)
+    ema = load_checkpoint(straight.run_dir)["ema"]["average"]
+    moved = [n for n in ema if n in saved and not torch.equal(saved[n], raw[n])]
+    assert moved, "the saved model should be the average, not the raw weights"
+    for name in moved:
+        torch.testing.assert_close(saved[name], ema[name], rtol=0, atol=0)
+    stopped = train(_config(scenes, tmp_path / "resumed", ema_decay=0.9, max_steps=3))
+    assert stopped.steps == 3
+    resumed = train(_config(scenes, tmp_path / "resumed", ema_decay=0.9), resume=tmp_path / "resumed")
+    for name, value in _weights(resumed.last_model).items():
+        assert torch.equal(value, saved[name]), name
+    assert load(straight.last_model).training is False

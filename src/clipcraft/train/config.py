@@ -105,6 +105,7 @@ class TrainConfig:
     )
     learn_logit_scale: bool = True  # False: the temperature stays at the model's initial value
     label_smoothing: float = 0.0  # clip loss only: 1 - eps on the match(es), eps spread over all columns
+    ema_decay: float = 0.0  # > 0: validate, save and test an exponential moving average of the weights
     grad_accum_steps: int = 1  # split each batch into micro-batches; the loss stays the full-batch loss
     loss: str = "clip"  # clip | siglip
     captions_per_image: int = 1  # captions of each image in every step (k > 1 needs a cached text tower)

@@ -33,6 +33,7 @@ from clipcraft.losses import build_loss
 from clipcraft.model import ClipModel, ClipOutput, create_model, load
 from clipcraft.train.checkpoint import load_checkpoint
 from clipcraft.train.config import TrainConfig, tower_overrides
+from clipcraft.train.ema import WeightAverage
 from clipcraft.train.features import FeatureCache, build_or_load_cache
 from clipcraft.train.optim import build_optimizer, build_scheduler, param_groups
 from clipcraft.train.run import Run, seed_everything
@@ -120,8 +121,11 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
     optimizer = build_optimizer(groups, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     load_report = BadDataReport(train_set.source)  # images that failed to decode while training
+    ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         load_report = BadDataReport.from_dict(checkpoint["load_report"])
@@ -139,7 +143,12 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "load_report": load_report.to_dict(),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
         }
+
+    def evaluated() -> contextlib.AbstractContextManager[None]:
+        """What validation, the saved models and the test split see: the weight average, when there is one."""
+        return ema.applied(model) if ema is not None else contextlib.nullcontext()
 
     # -- the loop
     metrics: dict[str, Any] = {}
@@ -168,6 +177,8 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             model.clamp_logit_scale()
+            if ema is not None:
+                ema.update(model)
             run.step_done(size * rt.world_size)
             bar.update(1)
             if run.log_due():
@@ -194,7 +205,8 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
             run.stop_at_max_steps(**training_state())
             break
         run.end_epoch()
-        metrics = _end_of_epoch(config, model, val_set, state, run_dir, rt, log, text_memo)
+        with evaluated():
+            metrics = _end_of_epoch(config, model, val_set, state, run_dir, rt, log, text_memo)
         run.save_checkpoint(**training_state())
 
     # -- the end: test split, plots, example sheet, summary
@@ -207,7 +219,8 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
         metrics=metrics,
     )
     if rt.is_main and state["epoch"] >= epochs:
-        result.metrics.update(_finish(config, model, test_split, result, report, load_report, log, rt))
+        with evaluated():
+            result.metrics.update(_finish(config, model, test_split, result, report, load_report, log, rt))
     rt.barrier()
     return result
 
