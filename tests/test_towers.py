@@ -251,3 +251,38 @@ def test_patch_dropout_keeps_a_fraction_of_patches_in_training_and_all_of_them_i
     cnn = ImageTower(ImageTowerConfig(name="resnet18", model_kwargs={"layers": [1, 1, 1, 1]}))
     with pytest.raises(ClipcraftError, match="vision transformer"):
         cnn.set_patch_dropout(0.5)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "convnext_atto", "mobilenetv3_small_050", "mobilenetv4_conv_small", "efficientnet_b0"],
+)
+def test_convolutional_image_towers_embed_and_train(name: str) -> None:
+    """Convolutional timm towers (random init) as the image tower: the feature width the head expects, an
+    embedding through the one encoder equal to the plain forward, and gradients in a loss step."""
+    import numpy as np
+
+    from clipcraft import create_model
+    from clipcraft.encoding import EncodeSettings, encode_images, shortcut_unavailable
+    from clipcraft.losses import clip_loss
+
+    torch.manual_seed(0)
+    model = create_model("tiny", overrides={"image.name": name, "image.model_kwargs": {}})
+    assert shortcut_unavailable(model) is not None  # no class token: the full tower always runs
+    pixels = torch.randn(4, 3, 64, 64)
+    features = model.image_tower(pixels)
+    assert features.shape == (4, model.image_tower.num_features)
+    model.eval()
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(model.image_head(model.image_tower(pixels)), dim=-1).numpy()
+    encoded = encode_images(model, pixels, EncodeSettings(batch_size=2)).vectors
+    np.testing.assert_allclose(encoded, plain, rtol=1e-4, atol=1e-5)
+    model.train()
+    out = model(images=pixels, texts=model.tokenize(["a", "b", "c", "d"]))
+    clip_loss(out.image_embeddings, out.text_embeddings, out.logit_scale).backward()
+    grads = [p.grad for p in model.image_tower.parameters() if p.requires_grad]
+    assert (
+        grads
+        and all(g is not None for g in grads[:1])
+        and any(g.abs().sum() > 0 for g in grads if g is not None)
+    )

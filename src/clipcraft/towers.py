@@ -267,7 +267,9 @@ class ImageTower(_Lockable):
                 "create_model(..., image_checkpoint='model.safetensors'); config: image.checkpoint), "
                 "or ask for random weights with pretrained=False."
             ) from exc
-        self.num_features: int = int(self.trunk.num_features)
+        # What the trunk outputs with num_classes=0: timm's head_hidden_size, which differs from num_features
+        # where a head layer follows the pooling (MobileNetV3/V4: 288 -> 1024, 960 -> 1280).
+        self.num_features: int = int(getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features)
         self.preprocess = config.preprocess or _timm_preprocess(self.trunk)
         config.preprocess = self.preprocess
         self.config = config
