@@ -157,7 +157,8 @@ def pack(args: argparse.Namespace) -> int:
 
 
 def _pack_cifar(model: Any, root: Path, per_class: int, out: Path) -> dict[str, Any]:
-    """The first ``per_class`` CIFAR-10 test images of each class (uint8, N x 32 x 32 x 3) with their labels,
+    """The first ``per_class`` images of each class of ``root`` (by default CIFAR-10 *train*: settings are
+    chosen on training images, the test split is for final figures only) (uint8, N x 32 x 32 x 3), their labels,
     and the text-tower features of every prompt (class-major: class c, template t at row c * T + t), which
     the sweep turns into the zero-shot head of ``clipcraft.evaluation.zeroshot.build_classifier_weights``."""
     from clipcraft.evaluation.labelled import read_class_folder
@@ -170,7 +171,7 @@ def _pack_cifar(model: Any, root: Path, per_class: int, out: Path) -> dict[str, 
     np.save(out / "cifar-labels.npy", data.labels.astype(np.int64))
     prompts = [t.replace("{}", name) for name in data.classnames for t in DEFAULT_TEMPLATES]
     np.save(out / "cifar-prompt-features.npy", _text_features(model, prompts).astype(np.float32))
-    print(f"cifar: {len(images)} test images, {len(prompts)} prompts", flush=True)
+    print(f"cifar: {len(images)} images of {root}, {len(prompts)} prompts", flush=True)
     return {"classnames": data.classnames, "templates": len(DEFAULT_TEMPLATES), "images": len(images)}
 
 
@@ -480,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="../shared/data/flickr8k")
     p.add_argument("--out", default=".pack")
     p.add_argument("--parts", default="train,val,cifar", help="which parts to (re)write: train, val, cifar")
-    p.add_argument("--cifar", default="../shared/data/cifar10/test")
+    p.add_argument(
+        "--cifar",
+        default="../shared/data/cifar10/train",
+        help="zero-shot proxy images: CIFAR-10 *train* (choosing settings on the test split would fit it)",
+    )
     p.add_argument("--cifar-per-class", type=int, default=200)
     for name in ("run", "_worker"):
         p = sub.add_parser(name)
