@@ -378,7 +378,13 @@ def _model_overrides(config: TrainConfig) -> dict[str, Any]:
 
 
 def _build_model(config: TrainConfig, overrides: dict[str, Any]) -> ClipModel:
-    if Path(config.model).is_dir():
+    if config.init:  # an existing model, saved or imported (clipcraft.load dispatches on the source)
+        if config.image_checkpoint or config.pretrained is not None:
+            raise ClipcraftError(
+                "init= starts from a whole existing model: drop pretrained and image_checkpoint."
+            )
+        model = load(config.init, overrides=overrides)
+    elif Path(config.model).is_dir():
         model = load(config.model, overrides=overrides)
     else:
         model = create_model(
