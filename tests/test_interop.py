@@ -370,3 +370,12 @@ def test_model_card_describes_the_run(tiny_model, tmp_path: Path) -> None:
     tiny_model.save(tmp_path / "alone")  # no run: no invented data or metrics
     alone = (tmp_path / "alone" / "README.md").read_text()
     assert "datasets:" not in alone and "No training run recorded" in alone
+
+
+def test_create_command_imports_and_saves(hf_clip_dir: Path, tmp_path: Path) -> None:
+    from clipcraft.cli import main
+
+    assert main(["create", "--preset", str(hf_clip_dir), "--out", str(tmp_path / "m")]) == 0
+    saved = clipcraft.load(tmp_path / "m")
+    assert saved.config.source["format"] == "transformers" and (tmp_path / "m" / "README.md").is_file()
+    assert main(["create", "--preset", "hf:no-such/model", "--out", str(tmp_path / "x")]) == 2

@@ -81,7 +81,7 @@ def model_card(model: Any, transformers_class: str | None = None, run: dict[str,
         f"- Image tower: {cfg.image.kind} `{cfg.image.name}` -> {cfg.head.kind} head -> {cfg.embed_dim}-d embeddings.",
         f"- Text tower: {cfg.text.kind} `{cfg.text.name}`, pooling `{cfg.text.pooling}`, at most "
         f"{cfg.text.max_length} tokens, padding `{cfg.text.padding}` -> {cfg.head.kind} head.",
-        f"- Logit scale (exp): {float(model.logit_scale.exp()):.4g}; logit bias: {float(model.logit_bias):.4g}.",
+        f"- Logit scale (exp): {float(model.logit_scale.detach().exp()):.4g}; logit bias: {float(model.logit_bias.detach()):.4g}.",
         "",
         "## Preprocessing",
     ]
