@@ -251,8 +251,10 @@ class ClipModel(nn.Module):
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             from clipcraft.interop.card import CARD_FILE, model_card, read_run
 
-            # a model saved inside a run directory (best/, last/) describes that run's data, recipe, metrics
-            (tmp / CARD_FILE).write_text(model_card(self, run=read_run(target.parent)))
+            # a training run's best/ and last/ describe the run's data and recipe (its metrics are added by
+            # write_card once summary.json exists); elsewhere nothing is assumed about the folder around it
+            run = read_run(target.parent) if target.name in ("best", "last") else None
+            (tmp / CARD_FILE).write_text(model_card(self, run=run))
         return target
 
 

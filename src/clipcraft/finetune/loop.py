@@ -444,6 +444,9 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         "seconds_this_session": round(time.perf_counter() - start_time, 1),
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    from clipcraft.interop.card import write_card
+
+    write_card(run_dir, run_dir)  # the card names the recipe and the test metrics of this run
     log.info(
         f"Chose alpha {alpha:g} (val top-1 {chosen['top1']:.4f}; zero-shot {state['zeroshot_val']['top1']:.4f}, "
         f"fine-tuned {state['best_val']['top1']:.4f})"

@@ -38,21 +38,59 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _metrics(summary: dict[str, Any]) -> dict[str, float]:
-    found = summary.get("metrics", summary)
-    return {
-        k: float(v)
-        for k, v in sorted(found.items())
-        if isinstance(v, (int, float))
-        and not isinstance(v, bool)
-        and k.startswith(("test_", "val", "top", "i2t", "t2i", "mean"))
-    }
+_METRIC_WORDS = ("top1", "top5", "recall", "_r1", "_r5", "_r10", "median_rank", "score", "kept")
+
+
+def _metrics(summary: dict[str, Any], prefix: str = "", depth: int = 0) -> dict[str, float]:
+    """The numeric accuracy/recall entries of a run summary, nested sections flattened (``test_wise_top1``);
+    the bad-data report and per-step lists are left out."""
+    out: dict[str, float] = {}
+    for key, value in sorted(summary.items()):
+        name = f"{prefix}{key}" if key != "metrics" else prefix.rstrip("_")
+        if isinstance(value, dict) and depth < 3 and key not in ("bad_data", "data", "lora"):
+            out.update(_metrics(value, f"{name}_" if name else "", depth + 1))
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and any(w in name for w in _METRIC_WORDS)
+        ):
+            out[name] = float(value)
+    return out
 
 
 def model_card(model: Any, transformers_class: str | None = None, run: dict[str, Any] | None = None) -> str:
     """The card's text for ``model``; ``transformers_class`` when written by the transformers export,
     ``run`` as returned by :func:`read_run` when the model came from a training run."""
-    cfg = model.config
+    scale = float(model.logit_scale.detach().exp())
+    return render_card(model.config, scale, float(model.logit_bias.detach()), transformers_class, run)
+
+
+def write_card(model_dir: str | Path, run_dir: str | Path | None = None) -> Path:
+    """(Re)write the card of a saved model directory, with the run of ``run_dir`` (its ``summary.json`` and
+    ``config.yaml``; a training job calls this once its summary exists). Reads the config and the two
+    temperature tensors only, not the model."""
+    from safetensors import safe_open
+
+    from clipcraft.model import WEIGHTS_FILE, read_config
+
+    root = Path(model_dir)
+    config = read_config(root)
+    with safe_open(str(root / WEIGHTS_FILE), framework="pt") as fh:
+        scale = float(fh.get_tensor("logit_scale").exp())
+        bias = float(fh.get_tensor("logit_bias"))
+    run = read_run(Path(run_dir)) if run_dir is not None else None
+    (root / CARD_FILE).write_text(render_card(config, scale, bias, None, run))
+    return root / CARD_FILE
+
+
+def render_card(
+    cfg: Any,
+    logit_scale: float,
+    logit_bias: float,
+    transformers_class: str | None,
+    run: dict[str, Any] | None,
+) -> str:
+    """The card of a model with config ``cfg`` and temperature ``logit_scale`` (the multiplier, not its log)."""
     run = run or {}
     train_cfg = run.get("config") or {}
     metrics = _metrics(run.get("summary") or {})
@@ -81,7 +119,7 @@ def model_card(model: Any, transformers_class: str | None = None, run: dict[str,
         f"- Image tower: {cfg.image.kind} `{cfg.image.name}` -> {cfg.head.kind} head -> {cfg.embed_dim}-d embeddings.",
         f"- Text tower: {cfg.text.kind} `{cfg.text.name}`, pooling `{cfg.text.pooling}`, at most "
         f"{cfg.text.max_length} tokens, padding `{cfg.text.padding}` -> {cfg.head.kind} head.",
-        f"- Logit scale (exp): {float(model.logit_scale.detach().exp()):.4g}; logit bias: {float(model.logit_bias.detach()):.4g}.",
+        f"- Logit scale (exp): {logit_scale:.4g}; logit bias: {logit_bias:.4g}.",
         "",
         "## Preprocessing",
     ]

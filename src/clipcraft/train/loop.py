@@ -576,5 +576,10 @@ def _finish(
     }
     result.summary_path = result.run_dir / "summary.json"
     result.summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    from clipcraft.interop.card import write_card
+
+    for model_dir in (result.last_model, result.best_model):
+        if model_dir is not None and Path(model_dir).is_dir():
+            write_card(model_dir, result.run_dir)  # now with the run's test metrics
     log.info(f"Summary: {result.summary_path}; models: {result.last_model}, {result.best_model}")
     return out
