@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run")
+    parser.add_argument("--note", default="", help="what the pretrained model is, for the section")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # child process: one row
     parser.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -217,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 def render(report: dict) -> str:
     """The BENCHMARKS.md section of a report."""
     res, m, s, sub = report["results"], report["machine"], report["settings"], report["subsets"]
+    s = {**s, "note": s.get("note", "")}
     base = next((r.get("initial_retention", r.get("retention")) for r in res.values()), None)
     lines = [
         "## Adapting a pretrained CLIP to CIFAR-10 without forgetting Flickr8k",
         "",
         f"Pretrained model: `{report['model']}`. Script: `bench/bench_adapt.py`; results in `bench/results/adapt.json`.",
+        *([s["note"], ""] if s.get("note") else []),
         f"Machine: {m['cpu']} (no native bf16: every row ran in fp32), {m['cpu_count']} cores shared with other "
         f"jobs, {'GPU ' + m['cuda'] if m['cuda'] else 'no GPU'}, torch {m['torch']}.",
         "",

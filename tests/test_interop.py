@@ -379,3 +379,20 @@ def test_create_command_imports_and_saves(hf_clip_dir: Path, tmp_path: Path) -> 
     saved = clipcraft.load(tmp_path / "m")
     assert saved.config.source["format"] == "transformers" and (tmp_path / "m" / "README.md").is_file()
     assert main(["create", "--preset", "hf:no-such/model", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_hf_towers_of_a_config_load_their_pretrained_weights(hf_clip_dir: Path) -> None:
+    import copy
+
+    imported = clipcraft.load(hf_clip_dir)
+    config = copy.deepcopy(imported.config)
+    config.head.kind = "mlp"  # new heads on the pretrained towers: a preset-style use of the hf tower kinds
+    fresh = clipcraft.create_model(config).eval()
+    pixels, tokens = _pixels(32), imported.tokenize(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.image_tower(pixels), imported.image_tower(pixels))
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        torch.testing.assert_close(fresh.text_tower(ids, mask), imported.text_tower(ids, mask))
+    config.image.name = str(hf_clip_dir / "missing")
+    with pytest.raises(PretrainedWeightsError):
+        clipcraft.create_model(config)
