@@ -25,7 +25,13 @@ CORE = (
 )
 # ClipModel.encode_images / encode_texts are thin doors into the one encoder (imported inside the methods):
 # the encoder, one layer up, owns batching, workers and the cache.
-KNOWN_EXCEPTIONS = {("model", "clipcraft.encoding")}
+# create_model / load dispatch foreign sources (transformers, open_clip) to the interop layer, and save writes
+# its model card: also doors opened inside the functions, so the core still imports without them.
+KNOWN_EXCEPTIONS = {
+    ("model", "clipcraft.encoding"),
+    ("model", "clipcraft.interop"),
+    ("model", "clipcraft.interop.card"),
+}
 
 
 def _clipcraft_imports(path: Path) -> set[str]:

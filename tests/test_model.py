@@ -153,7 +153,7 @@ def test_save_load_round_trip_is_bit_identical_offline(tmp_path, rgb_images, mon
         model.logit_scale.fill_(3.3)
     texts = ["a small red circle on the left", "a large blue square"]
     path = model.save(tmp_path / "model")
-    assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors", "tokenizer"}
+    assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors", "tokenizer", "README.md"}
     again = load(path)
     np.testing.assert_array_equal(again.encode_texts(texts), model.encode_texts(texts))
     np.testing.assert_array_equal(again.encode_images(rgb_images), model.encode_images(rgb_images))

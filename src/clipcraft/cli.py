@@ -231,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example:\n  clipcraft create --preset minilm-vit-tiny --out models/minilm-vit-tiny",
         formatter_class=_Formatter,
     )
-    p.add_argument("--preset", required=True, help="preset name (see `clipcraft presets`)")
+    p.add_argument(
+        "--preset",
+        required=True,
+        help="preset name (see `clipcraft presets`), or a model to import: a transformers CLIP/SigLIP directory, hf:ID, open_clip:ARCH,checkpoint=FILE",
+    )
     p.add_argument("--out", required=True, help="directory to write the model to")
     p.add_argument(
         "--pretrained", choices=["auto", "yes", "no"], default="auto", help="pretrained tower weights"

@@ -39,9 +39,13 @@ class PreprocessConfig:
 
 @dataclass
 class ImageTowerConfig:
-    """A timm image model used as a feature extractor (``num_classes=0``: pooled pre-logits features)."""
+    """The image tower: a timm model used as a feature extractor (``num_classes=0``: pooled pre-logits
+    features), or a transformers CLIP / SigLIP vision model (its own pooler output)."""
 
-    name: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k"  # timm model name, optionally with a tag
+    kind: str = "timm"  # timm | hf_clip (CLIPVisionModel) | hf_siglip (SiglipVisionModel)
+    name: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k"  # timm model name (optionally with a tag), or
+    # for hf kinds the source it came from (hub id or directory; used only when pretrained weights are asked)
+    hf_config: dict[str, Any] | None = None  # hf kinds: the vision config (builds the tower without files)
     checkpoint: str | None = None  # local weights file used when pretrained weights are asked for
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model kwargs
     preprocess: PreprocessConfig | None = None  # None: resolved from timm's data config at build time
@@ -52,12 +56,20 @@ class ImageTowerConfig:
 
 @dataclass
 class TextTowerConfig:
-    """A Hugging Face transformer plus pooling, with its tokenizer."""
+    """A Hugging Face transformer plus pooling, with its tokenizer.
 
+    ``kind="hf"``: any transformers encoder (AutoModel) pooled by clipcraft (mean, cls or max).
+    ``kind="hf_clip"`` / ``"hf_siglip"``: a ``CLIPTextModel`` / ``SiglipTextModel`` whose own pooler output
+    (CLIP: the end-of-text token; SigLIP: the last position, through its linear head) is the feature.
+    """
+
+    kind: str = "hf"  # hf | hf_clip | hf_siglip
     name: str = "sentence-transformers/all-mpnet-base-v2"  # hub id or local directory
     hf_config: dict[str, Any] | None = None  # architecture, to build without files; None: read from source
     tokenizer: str | None = None  # tokenizer source: None = same as name; "bytes" = built-in byte tokenizer
-    pooling: str | None = None  # mean | cls | max; None: from a sentence-transformers dir, else mean
+    pooling: str | None = None  # mean | cls | max (kind hf; None: from a sentence-transformers dir, else
+    # mean); eos (hf_clip) | last (hf_siglip): set by the tower kind
+    padding: str = "longest"  # longest | max_length (SigLIP was trained on captions padded to max_length)
     max_length: int | None = None  # tokens per caption (longer ones are truncated); None: from source
     normalize_features: bool | None = None  # L2-normalise pooled features (sentence-transformers Normalize)
     lowercase: bool | None = (
@@ -72,7 +84,8 @@ class TextTowerConfig:
 class HeadConfig:
     """Projection heads from each tower's features into the shared embedding space."""
 
-    kind: str = "mlp"  # linear (as CLIP) | mlp (Linear -> GELU -> Linear, dropout, residual, LayerNorm)
+    kind: str = "mlp"  # linear (as CLIP) | mlp (Linear -> GELU -> Linear, dropout, residual, LayerNorm) |
+    # none (identity: the tower's features are the embeddings, as SigLIP; needs features of embed_dim)
     dropout: float = 0.1  # mlp only
 
 
@@ -87,6 +100,7 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # log of the inverse temperature (CLIP's init)
     max_logit_scale: float = math.log(100.0)  # clamp after every optimizer step
     init_logit_bias: float = -10.0  # learnable bias for the sigmoid (SigLIP) loss
+    source: dict[str, Any] | None = None  # where an imported model came from (format, name, checkpoint)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -607,7 +607,8 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> None:
-    """Add ``export onnx`` to the ``clipcraft`` command line (light: torch and ONNX load when it runs)."""
+    """Add ``export onnx`` and ``export hf`` to the ``clipcraft`` command line (light: torch, ONNX and
+    transformers load when they run)."""
     p = subparsers.add_parser(
         "export",
         help="export a model for use without clipcraft",
@@ -636,3 +637,28 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     )
     o.add_argument("--json", action="store_true", help="print the export report as JSON")
     o.set_defaults(func=_cmd_export_onnx)
+    h = export_sub.add_parser(
+        "hf",
+        help="a transformers directory (CLIPModel, SiglipModel or VisionTextDualEncoderModel)",
+        description="Write the model as a directory transformers loads without clipcraft: a CLIPModel or\n"
+        "SiglipModel for imported (or re-trained) CLIP/SigLIP models, a VisionTextDualEncoderModel for other\n"
+        "pairs of transformers towers with linear heads; config, weights, tokenizer, preprocessor_config.json\n"
+        "and a model card. Models transformers cannot express (a timm image tower, MLP heads, a mean-pooled\n"
+        "sentence-transformers text tower) are refused with the reason.",
+        epilog="Example:\n  clipcraft export hf --model models/my-clip --out exports/my-clip-hf\n"
+        "  python -c \"from transformers import AutoModel; AutoModel.from_pretrained('exports/my-clip-hf')\"",
+        formatter_class=formatter_class,
+    )
+    h.add_argument("--model", required=True, help="saved model directory (or an importable source)")
+    h.add_argument("--out", required=True, help="directory to write (must not exist)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    h.set_defaults(func=_cmd_export_hf)
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from clipcraft.interop.hf import export_hf
+    from clipcraft.model import load
+
+    out = export_hf(load(args.model), args.out, overwrite=args.overwrite)
+    print(f"Wrote a transformers model to {out} (load it with transformers.AutoModel.from_pretrained).")
+    return 0

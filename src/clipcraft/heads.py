@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from clipcraft.config import HeadConfig
-from clipcraft.errors import unknown_name
+from clipcraft.errors import ClipcraftError, unknown_name
 
-HEAD_KINDS = ("linear", "mlp")
+HEAD_KINDS = ("linear", "mlp", "none")
 
 
 class LinearHead(nn.Module):
@@ -39,8 +39,24 @@ class MLPHead(nn.Module):
         return self.norm(x + projected)
 
 
+class IdentityHead(nn.Module):
+    """No projection: the tower's features are already in the shared space (SigLIP's towers end in their own
+    heads). No parameters."""
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features  # (B, D)
+
+
 def build_head(config: HeadConfig, in_features: int, embed_dim: int) -> nn.Module:
-    """The head named by ``config.kind``; unknown kinds raise with the list of known ones."""
+    """The head named by ``config.kind``; unknown kinds raise with the list of known ones. ``none`` needs
+    ``in_features == embed_dim``."""
+    if config.kind == "none":
+        if in_features != embed_dim:
+            raise ClipcraftError(
+                f"Head kind 'none' passes features through, so the tower's {in_features} features must equal "
+                f"embed_dim={embed_dim}; use a linear or mlp head."
+            )
+        return IdentityHead()
     if config.kind == "linear":
         return LinearHead(in_features, embed_dim)
     if config.kind == "mlp":

@@ -226,7 +226,8 @@ class ClipModel(nn.Module):
     # -- save / load ----------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a self-describing directory: ``config.json``, ``model.safetensors`` and ``tokenizer/``.
+        """Write a self-describing directory: ``config.json``, ``model.safetensors``, ``tokenizer/`` and a model
+        card ``README.md`` (Hugging Face card format; see :mod:`clipcraft.interop.card`).
 
         The directory is written beside the target and renamed into place, so an interrupted save never
         leaves a half-written model at ``path``. Returns the path.
@@ -248,6 +249,12 @@ class ClipModel(nn.Module):
             except PretrainedWeightsError as exc:
                 warnings.warn(f"Saving without tokenizer files: {exc}", stacklevel=2)
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            from clipcraft.interop.card import CARD_FILE, model_card, read_run
+
+            # a training run's best/ and last/ describe the run's data and recipe (its metrics are added by
+            # write_card once summary.json exists); elsewhere nothing is assumed about the folder around it
+            run = read_run(target.parent) if target.name in ("best", "last") else None
+            (tmp / CARD_FILE).write_text(model_card(self, run=run))
         return target
 
 
@@ -277,16 +284,24 @@ def load(
     device: str | torch.device = "cpu",
     overrides: Mapping[str, Any] | None = None,
 ) -> ClipModel:
-    """Rebuild a model saved with :meth:`ClipModel.save`, with no network access.
+    """Rebuild a model saved with :meth:`ClipModel.save`, with no network access; or import a foreign one.
 
-    Checks the weights against the architecture and raises :class:`~clipcraft.errors.CheckpointError`
+    ``path`` may also be a transformers CLIP/SigLIP directory, ``hf:ID_OR_DIR`` or
+    ``open_clip:ARCH,checkpoint=FILE`` (see :func:`clipcraft.interop.import_model`; ``overrides`` apply to
+    the imported config the same way). Checks the weights against the architecture and raises :class:`~clipcraft.errors.CheckpointError`
     listing missing, unexpected and mis-shaped keys. ``overrides`` change settings that do not change the
     weights (e.g. ``{"image.lock": True}`` to fine-tune with a locked image tower). Returned in eval mode.
     """
     from safetensors.torch import load_file
 
     from clipcraft.config import apply_overrides
+    from clipcraft.interop import import_model, is_foreign_source
 
+    if is_foreign_source(str(path)):
+        model = import_model(str(path))
+        if overrides:
+            model = _reconfigured(model, apply_overrides(model.config, dict(overrides)))
+        return model.to(device).eval()
     root = Path(path)
     config = read_config(root)
     if overrides:
@@ -300,6 +315,14 @@ def load(
     if (root / TOKENIZER_DIR).is_dir():
         model.text_tower.tokenizer = load_tokenizer(str(root / TOKENIZER_DIR), config.text.name)
     return model.to(device).eval()
+
+
+def _reconfigured(model: ClipModel, config: ModelConfig) -> ClipModel:
+    """``model``'s weights and tokenizer in a model built from ``config`` (e.g. with locked towers)."""
+    rebuilt = ClipModel(config)
+    load_checked(rebuilt, model.state_dict(), "the imported model")
+    rebuilt.text_tower.tokenizer = model.text_tower.tokenizer
+    return rebuilt
 
 
 def load_checked(model: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
@@ -328,8 +351,11 @@ def create_model(
     image_checkpoint: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    checkpoint: str | None = None,
 ) -> ClipModel:
-    """Build a model from a preset name (see :func:`clipcraft.list_presets`) or a config.
+    """Build a model from a preset name (see :func:`clipcraft.list_presets`), a config, or an existing dual
+    encoder: ``"hf:openai/clip-vit-base-patch32"`` or a transformers CLIP/SigLIP directory,
+    ``"open_clip:ViT-B-32"`` with ``checkpoint=FILE`` (see :func:`clipcraft.interop.import_model`).
 
     Args:
         pretrained: None uses the preset's defaults (e.g. ``seed``: both towers pretrained; ``tiny``: none);
@@ -337,11 +363,35 @@ def create_model(
             (not a preset) with None means both pretrained. Weights that cannot be found raise
             :class:`~clipcraft.errors.PretrainedWeightsError`: never a silent fall back to random weights.
         image_checkpoint: a local weights file for the image tower (implies pretrained image weights).
-        overrides: dotted config keys to change, e.g. ``{"embed_dim": 256, "image.lock": True}``.
+        overrides: dotted config keys to change, e.g. ``{"embed_dim": 256, "image.lock": True}``; for an
+            imported model only those that keep the weights' shapes (locking, dropout, grad checkpointing).
+        checkpoint: the weights file of an ``open_clip:`` source.
     """
     from clipcraft.config import apply_overrides
     from clipcraft.presets import get_preset
 
+    if isinstance(preset_or_config, str) and (
+        preset_or_config.startswith(("hf:", "open_clip:")) or Path(preset_or_config).expanduser().is_dir()
+    ):
+        from clipcraft.interop import import_model, is_foreign_source
+
+        if not is_foreign_source(preset_or_config):
+            raise ClipcraftError(
+                f"{preset_or_config} is a directory but not a transformers CLIP/SigLIP model; load a saved "
+                "clipcraft model with clipcraft.load."
+            )
+        if pretrained is False:
+            raise ClipcraftError(
+                "An imported model is its pretrained weights; pretrained=False has no meaning."
+            )
+        model = import_model(preset_or_config, checkpoint=checkpoint)
+        if overrides:
+            model = _reconfigured(model, apply_overrides(model.config, dict(overrides)))
+        return model.to(device)
+    if checkpoint is not None:
+        raise ClipcraftError(
+            "checkpoint= is for open_clip: sources; use image_checkpoint= for a preset's image tower."
+        )
     if isinstance(preset_or_config, str):
         preset = get_preset(preset_or_config)
         config = preset.config

@@ -123,6 +123,19 @@ PRESETS: dict[str, Preset] = {
             text_pretrained=True,
         ),
         Preset(
+            name="clip-vit-b16-minilm",
+            description="timm's OpenAI CLIP ViT-B/16 image tower (its own CLIP mean/std; pre-projection features) "
+            "+ all-MiniLM-L6-v2, new MLP heads, 512-d.",
+            config=ModelConfig(
+                image=ImageTowerConfig(name="vit_base_patch16_clip_224.openai"),
+                text=_text("sentence-transformers/all-MiniLM-L6-v2"),
+                head=HeadConfig(kind="mlp", dropout=0.1),
+                embed_dim=512,
+            ),
+            image_pretrained=True,
+            text_pretrained=True,
+        ),
+        Preset(
             name="tiny",
             description="Tiny random towers built from configs in code (tests and smoke runs; no files needed).",
             config=ModelConfig(

@@ -30,6 +30,8 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 POOLING_MODES = ("mean", "cls", "max")
+TEXT_TOWER_KINDS = ("hf", "hf_clip", "hf_siglip")
+PADDING_MODES = ("longest", "max_length")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,49 +237,78 @@ class _Lockable(nn.Module):
 # Image tower
 
 _IMAGE_BLOCK = re.compile(r"^trunk\.(?:blocks|stages|layers|layer)\.?(\d+)[.]")
+_HF_IMAGE_BLOCK = re.compile(r"^trunk\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
+
+IMAGE_TOWER_KINDS = ("timm", "hf_clip", "hf_siglip")
+# transformers config model_type of each hf kind's vision and text model
+HF_VISION_TYPES = {"hf_clip": "clip_vision_model", "hf_siglip": "siglip_vision_model"}
+HF_TEXT_TYPES = {"hf_clip": "clip_text_model", "hf_siglip": "siglip_text_model"}
+HF_TOWER_CLASSES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel",
+                    "clip_text_model": "CLIPTextModel", "siglip_text_model": "SiglipTextModel"}  # fmt: skip
+# What each processor does when its preprocessor_config.json says nothing (the transformers defaults):
+# CLIP resizes the short side and centre-crops with OpenAI's mean/std; SigLIP squashes to the size, mean=std=0.5.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def hf_default_preprocess(kind: str, image_size: int) -> PreprocessConfig:
+    """The preprocessing of a transformers ``CLIPImageProcessor`` / ``SiglipImageProcessor`` at its defaults."""
+    if kind == "hf_siglip":
+        return PreprocessConfig(
+            (3, image_size, image_size), (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0, "squash"
+        )  # type: ignore[arg-type]
+    return PreprocessConfig(
+        (3, image_size, image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic", 1.0, "center"
+    )
 
 
 class ImageTower(_Lockable):
-    """A timm model with ``num_classes=0``: images (B, 3, H, W) -> pooled features (B, num_features).
+    """Images (B, 3, H, W) -> pooled features (B, num_features).
 
-    Never the ImageNet logits. ``preprocess`` is the checkpoint's own data config (for the seed's
-    ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` that is mean = std = 0.5, not the CLIP constants).
+    ``kind="timm"``: a timm model with ``num_classes=0``, never the ImageNet logits; ``preprocess`` is the
+    checkpoint's own data config (for the seed's ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` that is
+    mean = std = 0.5, not the CLIP constants; for timm's CLIP towers, ``vit_base_patch16_clip_224.*``, the
+    OpenAI CLIP mean/std of their pretrained config). ``kind="hf_clip"`` / ``"hf_siglip"``: a transformers
+    ``CLIPVisionModel`` / ``SiglipVisionModel`` whose pooler output is the feature (CLIP: the class token
+    after the post-LayerNorm; SigLIP: the attention-pooling head), built from ``hf_config``.
     """
 
     def __init__(self, config: ImageTowerConfig, pretrained: bool = False) -> None:
         super().__init__()
-        import timm
-
-        if not timm.is_model(config.name):
-            raise unknown_name("timm image tower", config.name, timm.list_models())
-        kwargs: dict[str, Any] = dict(config.model_kwargs)
-        if pretrained and config.checkpoint:
-            if not Path(config.checkpoint).is_file():
-                raise PretrainedWeightsError(f"Image tower checkpoint file not found: {config.checkpoint}")
-            kwargs["pretrained_cfg_overlay"] = {"file": str(config.checkpoint)}
-        try:
-            self.trunk = timm.create_model(config.name, pretrained=pretrained, num_classes=0, **kwargs)
-        except (OSError, RuntimeError, ValueError) as exc:
-            if not pretrained:
-                raise
-            raise PretrainedWeightsError(
-                f"Could not load pretrained weights for image tower {config.name!r}: {exc}\n"
-                "The model hub may be unreachable (or the model has no weights). Download the weights "
-                "file elsewhere and pass its local path as the image tower checkpoint (Python: "
-                "create_model(..., image_checkpoint='model.safetensors'); config: image.checkpoint), "
-                "or ask for random weights with pretrained=False."
-            ) from exc
-        # What the trunk outputs with num_classes=0: timm's head_hidden_size, which differs from num_features
-        # where a head layer follows the pooling (MobileNetV3/V4: 288 -> 1024, 960 -> 1280).
-        self.num_features: int = int(getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features)
-        self.preprocess = config.preprocess or _timm_preprocess(self.trunk)
+        if config.kind not in IMAGE_TOWER_KINDS:
+            raise unknown_name("image tower kind", config.kind, list(IMAGE_TOWER_KINDS))
+        if config.kind == "timm":
+            self.trunk = _build_timm(config, pretrained)
+            # What the trunk outputs with num_classes=0: timm's head_hidden_size, which differs from
+            # num_features where a layer follows the pooling (MobileNetV3/V4: 288 -> 1024, 960 -> 1280).
+            self.num_features: int = int(
+                getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features
+            )
+            self.preprocess = config.preprocess or _timm_preprocess(self.trunk)
+            block_pattern = _IMAGE_BLOCK
+        else:
+            self.trunk = _build_hf_tower(
+                config.kind, config.name, config.hf_config, HF_VISION_TYPES, pretrained
+            )
+            config.hf_config = _hf_arch(self.trunk)
+            self.num_features = int(config.hf_config["hidden_size"])
+            self.preprocess = config.preprocess or hf_default_preprocess(
+                config.kind, int(config.hf_config["image_size"])
+            )
+            block_pattern = _HF_IMAGE_BLOCK
         config.preprocess = self.preprocess
         self.config = config
         if config.grad_checkpointing:
-            self.trunk.set_grad_checkpointing(True)
+            if config.kind == "timm":
+                self.trunk.set_grad_checkpointing(True)
+            else:
+                _hf_grad_checkpointing(self.trunk)
         if config.lock:
-            blocks = {n: _block_index(_IMAGE_BLOCK, "trunk." + n) for n, _ in self.trunk.named_parameters()}
-            self._apply_lock({"trunk." + n: b for n, b in blocks.items()}, config.unlocked_groups)
+            blocks = {
+                "trunk." + n: _block_index(block_pattern, "trunk." + n)
+                for n, _ in self.trunk.named_parameters()
+            }
+            self._apply_lock(blocks, config.unlocked_groups)
 
     def set_patch_dropout(self, prob: float) -> None:
         """Drop a random fraction ``prob`` of every image's patch tokens in training mode (FLIP, Li et al. 2023);
@@ -304,7 +335,9 @@ class ImageTower(_Lockable):
         """(B, 3, H, W) normalised pixels -> (B, num_features) pooled features."""
         ctx = torch.no_grad() if self.fully_locked else contextlib.nullcontext()
         with ctx, matmul_precision_context():
-            return self.trunk(images)
+            if self.config.kind == "timm":
+                return self.trunk(images)
+            return self.trunk(pixel_values=images).pooler_output  # (B, hidden_size)
 
     def transform(
         self, train: bool = False, scale: tuple[float, float] | None = None, hflip: float = 0.0
@@ -329,6 +362,82 @@ class ImageTower(_Lockable):
             hflip=hflip if train else 0.0,
             **({"scale": tuple(scale or TRAIN_CROP_SCALE)} if train else {}),
         )
+
+
+def _build_timm(config: ImageTowerConfig, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not timm.is_model(config.name):
+        raise unknown_name("timm image tower", config.name, timm.list_models())
+    kwargs: dict[str, Any] = dict(config.model_kwargs)
+    if pretrained and config.checkpoint:
+        if not Path(config.checkpoint).is_file():
+            raise PretrainedWeightsError(f"Image tower checkpoint file not found: {config.checkpoint}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(config.checkpoint)}
+    try:
+        return timm.create_model(config.name, pretrained=pretrained, num_classes=0, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise
+        raise PretrainedWeightsError(
+            f"Could not load pretrained weights for image tower {config.name!r}: {exc}\n"
+            "The model hub may be unreachable (or the model has no weights). Download the weights "
+            "file elsewhere and pass its local path as the image tower checkpoint (Python: "
+            "create_model(..., image_checkpoint='model.safetensors'); config: image.checkpoint), "
+            "or ask for random weights with pretrained=False."
+        ) from exc
+
+
+def _build_hf_tower(
+    kind: str, name: str, hf_config: dict[str, Any] | None, types: dict[str, str], pretrained: bool
+) -> nn.Module:
+    """A transformers CLIP/SigLIP vision or text model: from ``hf_config`` (random weights, to be loaded by the
+    caller), or with ``pretrained`` from ``name`` (a directory or hub id of the tower or of its dual encoder)."""
+    import transformers
+
+    model_type = types[kind]
+    model_class = getattr(transformers, HF_TOWER_CLASSES[model_type])
+    if pretrained:
+        from transformers import AutoConfig
+
+        with _quiet_transformers():
+            try:
+                full = AutoConfig.from_pretrained(resolve_text_source(name)).to_dict()
+                sub = full.get("vision_config" if "vision" in model_type else "text_config", full)
+                config = AutoConfig.for_model(
+                    model_type, **{k: v for k, v in sub.items() if k != "model_type"}
+                )
+                model, info = model_class.from_pretrained(
+                    resolve_text_source(name), config=config, output_loading_info=True
+                )
+            except OSError as exc:
+                raise PretrainedWeightsError(
+                    f"Could not load pretrained {kind} tower {name!r}: {exc}\nThe model hub may be unreachable. "
+                    "Download the model elsewhere and pass its local directory."
+                ) from exc
+        if info.get("missing_keys"):
+            raise PretrainedWeightsError(
+                f"{kind} tower {name!r}: weights missing for {info['missing_keys'][:5]}; refusing random layers."
+            )
+        return model
+    if hf_config is None:
+        raise ClipcraftError(f"A {kind} tower needs hf_config (its transformers config) to be built.")
+    cfg = dict(hf_config)
+    found = cfg.get("model_type", model_type)
+    if found != model_type:
+        raise ClipcraftError(
+            f"A {kind} tower needs a {model_type!r} config; hf_config is a {found!r} config."
+        )
+    cfg.pop("model_type", None)
+    from transformers import AutoConfig
+
+    with _quiet_transformers():
+        return model_class(AutoConfig.for_model(model_type, **cfg))
+
+
+def _hf_grad_checkpointing(model: nn.Module) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 renamed the method
+    (enable or model.gradient_checkpointing_enable)()  # type: ignore[operator]
 
 
 def _timm_preprocess(model: nn.Module) -> PreprocessConfig:
@@ -522,6 +631,13 @@ class TextTower(_Lockable):
 
     def __init__(self, config: TextTowerConfig, pretrained: bool = False) -> None:
         super().__init__()
+        if config.kind not in TEXT_TOWER_KINDS:
+            raise unknown_name("text tower kind", config.kind, list(TEXT_TOWER_KINDS))
+        if config.padding not in PADDING_MODES:
+            raise unknown_name("padding mode", config.padding, list(PADDING_MODES))
+        if config.kind != "hf":
+            self._init_clip_kind(config, pretrained)
+            return
         settings = (config.pooling, config.max_length, config.normalize_features, config.lowercase)
         # A saved model carries everything; only a fresh build reads the source directory.
         needs_source = pretrained or config.hf_config is None or any(v is None for v in settings)
@@ -554,12 +670,33 @@ class TextTower(_Lockable):
         if config.max_length is None:
             max_pos = int(config.hf_config.get("max_position_embeddings", 512))
             config.max_length = int(st.get("max_length", min(512, max_pos)))
-        self.config = config
         self.num_features: int = int(config.hf_config["hidden_size"])
+        self._finish(config)
+
+    def _init_clip_kind(self, config: TextTowerConfig, pretrained: bool) -> None:
+        """A CLIPTextModel / SiglipTextModel: pooling is the model's own; no mean/max, no extra normalisation."""
+        self.model = _build_hf_tower(config.kind, config.name, config.hf_config, HF_TEXT_TYPES, pretrained)
+        config.hf_config = _hf_arch(self.model)
+        own = "eos" if config.kind == "hf_clip" else "last"
+        if config.pooling not in (None, own):
+            raise ClipcraftError(
+                f"A {config.kind} text tower pools with {own!r}; got pooling={config.pooling!r}."
+            )
+        config.pooling = own
+        config.normalize_features = bool(config.normalize_features)
+        config.lowercase = bool(config.lowercase)
+        if config.max_length is None:
+            config.max_length = int(config.hf_config.get("max_position_embeddings", 77))
+        # SigLIP's text head output (projection_size) is its feature; CLIP's is the hidden state at the EOS token
+        key = "projection_size" if config.kind == "hf_siglip" else "hidden_size"
+        self.num_features = int(config.hf_config.get(key) or config.hf_config["hidden_size"])
+        self._finish(config)
+
+    def _finish(self, config: TextTowerConfig) -> None:
+        self.config = config
         self._tokenizer: Any = None
-        if config.grad_checkpointing:  # transformers >= 5 renamed the method
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
-            (enable or self.model.gradient_checkpointing_enable)()  # type: ignore[operator]
+        if config.grad_checkpointing:
+            _hf_grad_checkpointing(self.model)
         if config.lock:
             blocks = {n: _block_index(_TEXT_BLOCK, n) for n, _ in self.named_parameters()}
             self._apply_lock(blocks, config.unlocked_groups)
@@ -613,12 +750,14 @@ class TextTower(_Lockable):
             cleaned = [t.lower() for t in cleaned]
         batch = self.tokenizer(
             cleaned,
-            padding=True,
+            padding="max_length" if self.config.padding == "max_length" else True,
             truncation="longest_first",
             max_length=self.config.max_length,
             return_tensors="pt",
         )
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        ids = batch["input_ids"]  # (B, L)
+        mask = batch.get("attention_mask")  # SigLIP's tokenizer returns none: it attends to every position
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -626,6 +765,10 @@ class TextTower(_Lockable):
         """(B, L) token ids and mask -> (B, hidden_size) pooled features."""
         ctx = torch.no_grad() if self.fully_locked else contextlib.nullcontext()
         with ctx, matmul_precision_context():
+            if self.config.kind == "hf_clip":  # (B, H): the state at each caption's end-of-text token
+                return self.model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            if self.config.kind == "hf_siglip":  # (B, P): trained attending to padding, so no mask
+                return self.model(input_ids=input_ids).pooler_output
             hidden = self.model(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state  # (B, L, H)

@@ -111,6 +111,8 @@ class ImageClassifier(nn.Module):
             module.requires_grad_(False)
         model.logit_scale.requires_grad_(False)
         model.logit_bias.requires_grad_(False)
+        # what trainable_state covers; FLYP widens it to the whole model (both towers, heads, temperature)
+        self.trainable_prefixes: tuple[str, ...] = TRAINABLE_PREFIXES
 
     @classmethod
     def from_zeroshot(
@@ -165,8 +167,9 @@ class ImageClassifier(nn.Module):
     # -- the weights fine-tuning changes --------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """The state-dict entries under :data:`TRAINABLE_PREFIXES` (live tensors, not copies)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIXES)}
+        """The state-dict entries under ``trainable_prefixes`` (default :data:`TRAINABLE_PREFIXES`; live
+        tensors, not copies)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.trainable_prefixes)}
 
     def load_trainable_state(self, state: Mapping[str, Tensor]) -> None:
         """Copy ``state`` (the keys of :meth:`trainable_state`, no more, no fewer) into the module."""

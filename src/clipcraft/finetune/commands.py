@@ -17,10 +17,21 @@ EPILOG = """Examples:
   clipcraft finetune --model M --train data/train --val data/val --output-dir OUT --epochs 5 --alphas 0,0.25,0.5,0.75,1
   clipcraft finetune --resume runs/cifar10-ft max_steps=null
   clipcraft classify --model runs/cifar10-ft photo.jpg        # uses the fine-tuned head
+  clipcraft finetune --model hf:openai/clip-vit-base-patch32 --train photos/train --output-dir OUT \
+      --method flyp lora_rank=8 lora_towers=both layer_decay=0.75 retention=../shared/data/flickr8k
+
+Methods (--method): ce (default) trains a classifier head on the image embeddings with cross-entropy; flyp
+trains both towers with the CLIP loss on class prompts as captions, and the classifier is the text tower's
+class embeddings. lora_rank=R trains LoRA adapters (rank R, lora_alpha, lora_towers=image|text|both,
+lora_targets) instead of the towers' weights; they are saved in OUT/adapters and merged into the saved model.
+layer_decay=D < 1 gives block i of n in an unlocked tower the rate lr * D**(n - i). retention=DATA scores the
+initial, fine-tuned and chosen models on a second data set (class folders: zero-shot top-1; image-caption
+data: mean retrieval recall, retention_split=test).
 
 The classifier head starts from the zero-shot text embeddings of the class names (step 0 = zero-shot
 accuracy); the image tower and head then train (tower at the lower --lr-tower) with warmup + cosine and early
-stopping on the validation split. Finally the best fine-tuned weights are mixed with the zero-shot weights,
+stopping on the validation split. Finally the best fine-tuned weights are mixed with the zero-shot weights
+(with flyp or LoRA: the whole initial and fine-tuned models, both towers and heads),
 (1 - alpha) * zero-shot + alpha * fine-tuned, for every alpha in --alphas; the mix with the best validation
 top-1 is saved to OUT as a clipcraft model plus its classes (classifier.json, classifier.safetensors).
 OUT also holds metrics.jsonl, config.yaml, checkpoint.pt and summary.json (val accuracy for every alpha,
@@ -47,6 +58,7 @@ _FLAGS = {
     "device": "device",
     "precision": "precision",
     "seed": "seed",
+    "method": "method",
 }
 
 
@@ -54,13 +66,19 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     """Add ``finetune`` to the ``clipcraft`` parser."""
     p = sub.add_parser(
         "finetune",
-        help="fine-tune an image classifier from the zero-shot head, with weight-space ensembling",
+        help="fine-tune an image classifier (cross-entropy or FLYP, optional LoRA) with weight-space ensembling",
         description="Fine-tune a saved model on a class-folder data set (one subfolder of images per class). "
         "Flags override --config; KEY=VALUE overrides (any FinetuneConfig field) override both.",
         epilog=EPILOG,
         formatter_class=formatter,
     )
-    p.add_argument("--model", default=None, help="saved clipcraft model directory to start from")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model to start from: a saved clipcraft directory, a transformers CLIP/SigLIP directory, hf:ID or "
+        "open_clip:ARCH,checkpoint=FILE",
+    )
+    p.add_argument("--method", choices=["ce", "flyp"], default=None, help="ce (default) or flyp, see below")
     p.add_argument("--train", default=None, help="training class folder (or image,label CSV)")
     p.add_argument(
         "--val", default=None, help="validation class folder; default: carve --val-fraction of train"
@@ -154,4 +172,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
             m = summary["test"][name]
             label = f"wise (alpha {summary['alpha']:g})" if name == "wise" else name
             print(f"{label:<22}{m['top1']:.4f}  {m['top5']:.4f}")
+    if summary.get("retention"):
+        kind = summary["retention"]["initial"]["kind"]
+        print(
+            f"\nretention ({kind}): "
+            + ", ".join(f"{k} {v['score']:.4f}" for k, v in summary["retention"].items())
+        )
+    if "trainable_params" in summary:
+        print(f"trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,}")
     print(f"\nSaved the fine-tuned classifier to {summary['output_dir']}")

@@ -17,6 +17,7 @@ from clipcraft.errors import ClipcraftError
 from clipcraft.train.config import LoaderConfig, OptimConfig, RunConfig, from_flat, to_flat
 
 # Mixing coefficients tried by weight-space ensembling: 0 is the zero-shot model, 1 the fine-tuned one.
+METHODS = ("ce", "flyp")
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
 
@@ -41,6 +42,22 @@ class FinetuneConfig:
     lr_head: float = 1e-3  # classifier head (starts at the zero-shot text embeddings)
     label_smoothing: float = 0.0
     patience: int = 3  # stop after this many epochs without a better val top-1 (0: never stop early)
+    # -- adaptation
+    method: str = "ce"  # ce: cross-entropy on a classifier head started at zero-shot | flyp: contrastive
+    # fine-tuning with class prompts as captions (the classifier is the text tower's class embeddings)
+    lr_text: float = 1e-5  # flyp: the text tower, its head and the temperature
+    layer_decay: float = 1.0  # block i of n in an unlocked tower trains at lr * layer_decay**(n - i); 1: off
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the towers' weights (needs peft)
+    lora_alpha: float = 16.0  # LoRA scaling: the update is (lora_alpha / lora_rank) * B A
+    lora_dropout: float = 0.0
+    lora_towers: str = "image"  # image | text | both (text and both need method flyp)
+    lora_targets: tuple[str, ...] | None = (
+        None  # Linear module-name suffixes; None: attention + MLP of the kind
+    )
+    retention: str | None = None  # a second data set: class folders (zero-shot top-1) or image-caption data
+    # (retrieval mean recall), scored for the initial, fine-tuned and chosen models
+    retention_split: str | None = "test"  # split of `retention` (Flickr: test = the standard 1,000 images)
+    retention_limit: int | None = None  # images per class (folders) or images (captions); None: all
     # -- weight-space ensembling
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # each in [0, 1]; the best on val is saved
     overwrite: bool = False  # allow an output_dir that already holds a run or a model
@@ -93,6 +110,22 @@ class FinetuneConfig:
         for name in ("patience", "warmup_steps", "checkpoint_every", "num_workers"):
             if values[name] < 0:
                 raise ClipcraftError(f"{name} must be >= 0; got {values[name]}.")
+        if self.method not in METHODS:
+            raise ClipcraftError(f"method must be one of {METHODS}; got {self.method!r}.")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ClipcraftError(f"layer_decay must be in (0, 1]; got {self.layer_decay}.")
+        if self.lora_rank < 0:
+            raise ClipcraftError(f"lora_rank must be >= 0 (0: no LoRA); got {self.lora_rank}.")
+        if self.lora_rank and self.lora_towers not in ("image", "text", "both"):
+            raise ClipcraftError(f"lora_towers must be image, text or both; got {self.lora_towers!r}.")
+        if self.lora_rank and self.lora_towers != "image" and self.method != "flyp":
+            raise ClipcraftError(
+                "LoRA on the text tower needs method=flyp: the cross-entropy fine-tune never trains the text side."
+            )
+        if self.lora_rank and self.lock_image and self.lora_towers != "text":
+            raise ClipcraftError("lock_image freezes the image tower; LoRA adapters on it would never train.")
+        if not (math.isfinite(self.lr_text) and self.lr_text >= 0):
+            raise ClipcraftError(f"lr_text must be a finite number >= 0; got {self.lr_text}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ClipcraftError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}.")
 

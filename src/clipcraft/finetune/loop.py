@@ -10,6 +10,7 @@ best, score the test split and save the result as a model directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from clipcraft.errors import ClipcraftError
 from clipcraft.evaluation.labelled import LabelledImages
 from clipcraft.finetune.classifier import CLASSIFIER_JSON, ImageClassifier
-from clipcraft.finetune.config import FinetuneConfig
+from clipcraft.finetune.config import FinetuneConfig, check_alphas
 from clipcraft.finetune.data import (
     ClassificationData,
     EpochBatches,
@@ -34,7 +35,7 @@ from clipcraft.finetune.data import (
     collate_train,
     read_classification_data,
 )
-from clipcraft.finetune.wise import best_alpha, interpolate_weights, sweep_alphas
+from clipcraft.finetune.wise import best_alpha, interpolate_weights
 from clipcraft.precision import as_precision
 from clipcraft.train.checkpoint import CHECKPOINT_FILE, atomic_torch_save, load_checkpoint
 from clipcraft.train.config import tower_overrides
@@ -100,7 +101,12 @@ def evaluate_classifier(
 def build_optimizer(classifier: ImageClassifier, config: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW over :func:`clipcraft.train.optim.param_groups`: the image tower and its projection head at
     ``lr_tower``, the classifier head at ``lr_head``; weight decay on matrices only. Frozen parameters (the
-    text side; the image tower with ``lock_image``) are left out."""
+    text side; the image tower with ``lock_image``) are left out. FLYP (text side at ``lr_text``) and
+    layer-wise decay take their groups from :func:`clipcraft.finetune.adapt.adapt_param_groups`."""
+    if config.method != "ce" or config.layer_decay != 1.0:
+        from clipcraft.finetune.adapt import adapt_param_groups
+
+        return adamw(adapt_param_groups(classifier, config), config.optim)
     decay = config.optim.weight_decay
     encoder = param_groups(
         classifier.model, {"image_tower": config.lr_tower, "heads": config.lr_tower}, decay
@@ -127,7 +133,9 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
     """
     start_time = time.perf_counter()
     config.check()
-    overrides = tower_overrides(lock_image=config.lock_image)  # the training job's owner of tower locking
+    flyp = config.method == "flyp"
+    lock = {"lock_image": config.lock_image, **({"lock_text": False} if flyp else {})}
+    overrides = tower_overrides(**lock)  # the training job's owner of tower locking
     checkpoint = load_checkpoint(resume) if resume is not None else None
     run_dir = Path(resume) if resume is not None else Path(config.run.output_dir)
     if (
@@ -150,7 +158,9 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         from clipcraft.evaluation.zeroshot import load_templates
 
         templates = load_templates(config.templates_file)
-    if not Path(config.model).is_dir():
+    from clipcraft.interop import is_foreign_source
+
+    if not Path(config.model).is_dir() and not is_foreign_source(config.model):
         raise ClipcraftError(f"Model directory not found: {config.model}")
     if checkpoint is None:
         _prepare_output(run_dir, config)
@@ -173,9 +183,34 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
     seed_everything(config.run.seed)
     model = load(config.model, device=device, overrides=overrides)
     classifier = ImageClassifier.from_zeroshot(model, data.classnames, templates, data.keys)
+    # FLYP, LoRA: weight-space ensembling mixes whole models (both towers, heads), so keep the initial one
+    whole_model = flyp or config.lora_rank > 0
+    initial_full = {k: v.detach().clone() for k, v in classifier.state_dict().items()} if whole_model else {}
+    if flyp:
+        classifier.trainable_prefixes = ("model.", "head.")
+        classifier.head.requires_grad_(False)  # the classifier is the text tower's class embeddings
+        for module in (model.text_tower, model.text_head):
+            module.requires_grad_(True)
+        model.logit_scale.requires_grad_(True)
+    lora_settings = None
+    if config.lora_rank:
+        from clipcraft.finetune.lora import LoraSettings, add_lora
+
+        lora_settings = LoraSettings(
+            config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_towers, config.lora_targets
+        )
+        add_lora(model, lora_settings)
+        if flyp:  # adapters replace the towers' own weights; heads and temperature still train
+            for name, param in model.named_parameters():
+                if name.startswith(("image_tower.", "text_tower.")):
+                    param.requires_grad_("lora_" in name)
     zeroshot_state = {k: v.detach().clone() for k, v in classifier.trainable_state().items()}
 
     def evaluate(images: LabelledImages) -> dict[str, float]:
+        if flyp:
+            from clipcraft.finetune.adapt import refresh_head
+
+            refresh_head(classifier)
         return evaluate_classifier(
             classifier,
             images,
@@ -215,6 +250,13 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
     )
     items = TrainImages(data.train, augment or model.image_transform(train=False), config.run.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    if flyp:
+        from clipcraft.finetune.adapt import class_prompts, flyp_step_logits
+        from clipcraft.losses import build_loss
+
+        contrastive = build_loss("clip")
+    trainable_params = sum(p.numel() for p in params)
+    total_params = sum(p.numel() for p in classifier.parameters())
     log.info(
         f"{len(data.train)} training images in {len(data.keys)} classes, {len(data.val)} for validation; "
         f"up to {epochs} epochs x {steps_per_epoch} steps of {batch_size}, precision {precision}"
@@ -241,15 +283,28 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
             if pixels is None:
                 continue
             pixels, labels = pixels.to(device, non_blocking=True), labels.to(device)
-            with rt.autocast():
-                logits = classifier(pixels)  # (B, C)
-            loss = loss_fn(logits.float(), labels)
+            if flyp:  # each image against its class prompt, CLIP loss; accuracy: the caption it picks
+                captions = class_prompts(
+                    labels,
+                    classifier.classnames,
+                    classifier.templates,
+                    config.run.seed * 7919 + state["step"],
+                )
+                with rt.autocast():
+                    loss, pair_logits = flyp_step_logits(model, pixels, captions, contrastive)  # (B, B)
+                logits = torch.nn.functional.one_hot(labels[pair_logits.argmax(dim=1)], len(data.keys))
+            else:
+                with rt.autocast():
+                    logits = classifier(pixels)  # (B, C)
+                loss = loss_fn(logits.float(), labels)
             loss.backward()
             if config.optim.grad_clip_norm:
                 nn.utils.clip_grad_norm_(params, config.optim.grad_clip_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if flyp:
+                model.clamp_logit_scale()
             run.step_done(labels.numel())
             seen += labels.numel()
             correct += int((logits.detach().argmax(dim=1) == labels).sum())
@@ -301,28 +356,70 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         finetuned_state = zeroshot_state  # fine-tuning never beat the zero-shot head on val
     else:
         finetuned_state = torch.load(run_dir / BEST_WEIGHTS, map_location=device, weights_only=True)
-    rows = sweep_alphas(
-        zeroshot_state,
-        finetuned_state,
-        config.alphas,
-        classifier.load_trainable_state,
-        lambda: evaluate(data.val),
-        known={0.0: state["zeroshot_val"], 1.0: state["best_val"]},
-    )
+    known = {0.0: state["zeroshot_val"], 1.0: state["best_val"]}
+    if whole_model:
+        # mix whole models: the initial one and the fine-tuned one (LoRA merged into plain weights first)
+        classifier.load_trainable_state(finetuned_state)
+        if lora_settings is not None:
+            from clipcraft.finetune.lora import ADAPTER_DIR, merge_lora, save_adapters
+
+            save_adapters(model, run_dir / ADAPTER_DIR, lora_settings)
+            merge_lora(model)
+            known = {0.0: state["zeroshot_val"]}  # merged weights differ from the adapter model by rounding
+        if flyp:
+            from clipcraft.finetune.adapt import refresh_head
+
+            refresh_head(classifier)
+        finetuned_full = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+
+        def load_mix(alpha: float) -> None:
+            with torch.no_grad():
+                classifier.load_state_dict(interpolate_weights(initial_full, finetuned_full, alpha))
+
+    else:
+
+        def load_mix(alpha: float) -> None:
+            classifier.load_trainable_state(interpolate_weights(zeroshot_state, finetuned_state, alpha))
+
+    rows = []
+    for a in check_alphas(config.alphas):
+        if a not in known:
+            load_mix(a)
+        rows.append({"alpha": a, **(known[a] if a in known else evaluate(data.val))})
     alpha = best_alpha(rows)
     for row in rows:
         log.metrics({"type": "wise", "step": state["step"], "alpha": row["alpha"], **_prefixed(row, "val_")})
     log.info("WiSE-FT on val: " + ", ".join(f"alpha {r['alpha']:g}: {r['top1']:.4f}" for r in rows))
-    test = _test(data, zeroshot_state, finetuned_state, alpha, classifier, evaluate)
+    test = _test(data, alpha, load_mix, evaluate)
     for name, metrics in test.items():
         log.metrics({"type": "test", "step": state["step"], "model": name, **_prefixed(metrics, "test_")})
-    classifier.load_trainable_state(interpolate_weights(zeroshot_state, finetuned_state, alpha))
+    retention = {}
+    if config.retention:
+        from clipcraft.finetune.adapt import measure_retention
+
+        for name, a in (("initial", 0.0), ("finetuned", 1.0), ("wise", alpha)):
+            load_mix(a)
+            retention[name] = measure_retention(
+                model, config.retention, config.retention_split, config.retention_limit, precision,
+                config.loader.eval_batch_size,
+            )  # fmt: skip
+            log.info(
+                f"retention ({retention[name]['kind']}) of the {name} model: {retention[name]['score']:.4f}"
+            )
+        base = retention["initial"]["score"]
+        for name in ("finetuned", "wise"):
+            retention[name]["kept"] = retention[name]["score"] / base if base > 0 else float("nan")
+    load_mix(alpha)
+    if flyp:
+        refresh_head(classifier)
     chosen = next(r for r in rows if r["alpha"] == alpha)
     info = {
         "alpha": alpha,
         "val_top1": chosen["top1"],
         "source_model": str(config.model),
         "best_epoch": state["best_epoch"],
+        "method": config.method,
+        "lora": None if lora_settings is None else dataclasses.asdict(lora_settings),
     }
     classifier.save(run_dir, info=info)
     summary = {
@@ -339,9 +436,17 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         "wise": rows,
         "alpha": alpha,
         "test": test,
+        "method": config.method,
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "lora": info["lora"],
+        "retention": retention,
         "seconds_this_session": round(time.perf_counter() - start_time, 1),
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    from clipcraft.interop.card import write_card
+
+    write_card(run_dir, run_dir)  # the card names the recipe and the test metrics of this run
     log.info(
         f"Chose alpha {alpha:g} (val top-1 {chosen['top1']:.4f}; zero-shot {state['zeroshot_val']['top1']:.4f}, "
         f"fine-tuned {state['best_val']['top1']:.4f})"
@@ -352,20 +457,16 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
 
 
 def _test(
-    data: ClassificationData,
-    zeroshot_state: dict[str, torch.Tensor],
-    finetuned_state: dict[str, torch.Tensor],
-    alpha: float,
-    classifier: ImageClassifier,
-    evaluate: Any,
+    data: ClassificationData, alpha: float, load_mix: Any, evaluate: Any
 ) -> dict[str, dict[str, float]]:
-    """Test metrics of the zero-shot (alpha 0), fine-tuned (alpha 1) and chosen (``wise``) weights."""
+    """Test metrics of the zero-shot (alpha 0), fine-tuned (alpha 1) and chosen (``wise``) weights;
+    ``load_mix(a)`` puts the mixture at ``a`` into the classifier."""
     if data.test is None:
         return {}
     by_alpha: dict[float, dict[str, float]] = {}
     for a in (0.0, 1.0, alpha):
         if a not in by_alpha:
-            classifier.load_trainable_state(interpolate_weights(zeroshot_state, finetuned_state, a))
+            load_mix(a)
             by_alpha[a] = evaluate(data.test)
     return {
         "zeroshot": by_alpha[0.0],

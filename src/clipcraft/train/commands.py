@@ -23,11 +23,19 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         "  clipcraft train --config configs/flickr8k-minilm-vit-tiny.yaml epochs=1 batch_size=32 --output-dir runs/x\n"
         "  clipcraft train --config configs/seed.yaml --device cuda:1 --precision fp32\n"
         "  clipcraft train --resume runs/x\n"
+        "  clipcraft train --init hf:openai/clip-vit-base-patch32 --data photos.csv --output-dir runs/mine\n"
         "  torchrun --nproc_per_node 2 -m clipcraft.cli train --config C.yaml   # data parallel",
         formatter_class=formatter,
     )
     p.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
     p.add_argument("--data", default=None, help="dataset path (overrides the config's data)")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="start from an existing model instead of `model`: a saved clipcraft directory, a transformers "
+        "CLIP/SigLIP directory, hf:ID or open_clip:ARCH,checkpoint=FILE",
+    )
     p.add_argument(
         "--data-format", default=None, help="flickr | table | coco | imagefolder (default: detect)"
     )
@@ -46,7 +54,10 @@ def _run(args: argparse.Namespace) -> int:
     from clipcraft.train import train
     from clipcraft.train.config import TrainConfig, gather_config
 
-    flags = {key: getattr(args, key) for key in ("data", "data_format", "output_dir", "device", "precision")}
+    flags = {
+        key: getattr(args, key)
+        for key in ("data", "data_format", "output_dir", "device", "precision", "init")
+    }
     config = TrainConfig.from_dict(gather_config(args.resume, args.config, flags, args.overrides))
     try:
         result = train(config, resume=args.resume)

@@ -77,6 +77,10 @@ class TrainConfig:
 
     # -- model
     model: str = "minilm-vit-tiny"  # preset name or saved model directory
+    init: str | None = (
+        None  # start from this existing model instead (saved directory, transformers CLIP/SigLIP
+    )
+    # directory, hf:ID, open_clip:ARCH,checkpoint=FILE); pretrained and image_checkpoint do not apply
     pretrained: bool | None = None  # None: the preset's default per tower
     image_checkpoint: str | None = None  # local weights file for the image tower
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted ModelConfig keys, but not locking

@@ -393,7 +393,13 @@ def _model_overrides(config: TrainConfig) -> dict[str, Any]:
 
 
 def _build_model(config: TrainConfig, overrides: dict[str, Any]) -> ClipModel:
-    if Path(config.model).is_dir():
+    if config.init:  # an existing model, saved or imported (clipcraft.load dispatches on the source)
+        if config.image_checkpoint or config.pretrained is not None:
+            raise ClipcraftError(
+                "init= starts from a whole existing model: drop pretrained and image_checkpoint."
+            )
+        model = load(config.init, overrides=overrides)
+    elif Path(config.model).is_dir():
         model = load(config.model, overrides=overrides)
     else:
         model = create_model(
@@ -589,5 +595,10 @@ def _finish(
     }
     result.summary_path = result.run_dir / "summary.json"
     result.summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    from clipcraft.interop.card import write_card
+
+    for model_dir in (result.last_model, result.best_model):
+        if model_dir is not None and Path(model_dir).is_dir():
+            write_card(model_dir, result.run_dir)  # now with the run's test metrics
     log.info(f"Summary: {result.summary_path}; models: {result.last_model}, {result.best_model}")
     return out
