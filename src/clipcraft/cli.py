@@ -23,6 +23,7 @@ from clipcraft.flags import (
 # Feature packages add their own subcommands: each module has ``register(subparsers, formatter_class)``, which
 # must stay light (no torch, FAISS or web imports at registration; import inside the command function).
 COMMAND_MODULES: tuple[str, ...] = (
+    "clipcraft.data.commands",
     "clipcraft.train.commands",
     "clipcraft.search.commands",
     "clipcraft.evaluation.commands",
