@@ -163,3 +163,30 @@ def test_tuned_ivf_from_shards_reaches_its_target_recall(tmp_path: Path) -> None
     _, truth = exact_search(data.astype(np.float16).astype(np.float32), queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist(), strict=True)])
     assert recall >= 0.9
+
+
+def test_cli_index_build_sharded_then_search(
+    model_dir: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "photos.index"
+    args = [
+        "index",
+        "build",
+        "--sharded",
+        "--model",
+        str(model_dir),
+        "--images",
+        str(photos),
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--shard-size", "4", "--kind", "flat", "--quiet"]) == 0
+    assert "11 vectors" in capsys.readouterr().out
+    assert (tmp_path / "photos.index.embeddings" / "manifest.json").is_file()
+    assert main(["search", str(out), "--image", str(photos / "a" / "p01.png"), "-k", "3", "--json"]) == 0
+    import json
+
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert hits[0]["path"] == str(photos / "a" / "p01.png") and hits[0]["score"] == pytest.approx(
+        1.0, abs=2e-3
+    )

@@ -63,24 +63,68 @@ def _embedding_reader(folder: Path) -> Any:
     return EmbeddingReader(str(folder), file_format="npy")
 
 
+class _NpyRows:
+    """Rows of a 2-D ``.npy`` file read with plain file reads (no memory map: the pages a build touches are
+    not held in its resident memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(fh)
+            self.offset = fh.tell()
+        if fortran or len(shape) != 2:
+            raise ClipcraftError(f"{path}: expected a C-ordered (N, D) array, got shape {shape}.")
+        self.count, self.dim, self.dtype = int(shape[0]), int(shape[1]), np.dtype(dtype)
+        self.row_bytes = self.dim * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """float32 rows [start, stop)."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + start * self.row_bytes)
+            block = np.fromfile(fh, dtype=self.dtype, count=(stop - start) * self.dim)
+        return block.reshape(-1, self.dim).astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 rows at sorted indices ``rows``."""
+        out = np.empty((len(rows), self.dim), np.float32)
+        with open(self.path, "rb") as fh:
+            for j, r in enumerate(rows):
+                fh.seek(self.offset + int(r) * self.row_bytes)
+                out[j] = np.frombuffer(fh.read(self.row_bytes), dtype=self.dtype)
+        return out
+
+
 def _sample_rows(files: list[tuple[Path, Path, int]], rows: np.ndarray) -> np.ndarray:
-    """The float32 vectors at sorted global ``rows``, read from the memory-mapped shards."""
+    """The float32 vectors at sorted global ``rows``, read from the shards."""
     out = []
     offsets = np.cumsum([0, *[count for _, _, count in files]])
     for s, (npy, _, count) in enumerate(files):
         mine = rows[(rows >= offsets[s]) & (rows < offsets[s] + count)] - offsets[s]
         if len(mine):
-            out.append(np.asarray(np.load(npy, mmap_mode="r")[mine], dtype=np.float32))
+            out.append(_NpyRows(npy).take(mine))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_000) -> np.ndarray:
-    """Ids (Q, k) of the exact top-k by inner product over (N, D) ``vectors`` (any dtype, memory-mapped
-    welcome), scanned in chunks; ties by lower id."""
+def exact_topk(
+    vectors: _NpyRows | np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_000
+) -> np.ndarray:
+    """Ids (Q, k) of the exact top-k by inner product of (Q, D) float32 ``queries`` over the (N, D) rows of
+    ``vectors`` (an array, or a ``.npy`` file read in chunks), ties by lower id."""
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
-    for start in range(0, vectors.shape[0], chunk):
-        block = np.asarray(vectors[start : start + chunk], dtype=np.float32)
+    total = vectors.count if isinstance(vectors, _NpyRows) else vectors.shape[0]
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
+        if isinstance(vectors, _NpyRows):
+            block = vectors.rows(start, stop)
+        else:
+            block = np.asarray(vectors[start:stop], dtype=np.float32)
         sims = queries @ block.T  # (Q, chunk)
         top = min(k, sims.shape[1])
         part = np.argpartition(-sims, top - 1, axis=1)[:, :top]  # this chunk's top-k, unordered
@@ -161,19 +205,20 @@ def build_index_from_shards(
     reader = _embedding_reader(src / "embeddings")
     dtype = np.dtype(manifest["dtype"])
     with atomic_dir(out) as tmp:
-        stored = np.lib.format.open_memmap(tmp / VECTORS, mode="w+", dtype=dtype, shape=(n, d))
         row = 0
-        for batch, _ in reader(batch_size=chunk, show_progress=progress):
-            batch = np.ascontiguousarray(batch, dtype=np.float32)
-            index.add(batch)
-            stored[row : row + len(batch)] = batch.astype(dtype)
-            row += len(batch)
-        stored.flush()
+        with open(tmp / VECTORS, "wb") as stored:  # plain writes: the copy does not sit in resident memory
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, d)}
+            np.lib.format.write_array_header_2_0(stored, header)
+            # embedding-reader streams the shards in order; a small RAM budget keeps its read-ahead small
+            for batch, _ in reader(batch_size=chunk, show_progress=progress, max_ram_usage_in_bytes=2**28):
+                batch = np.ascontiguousarray(batch, dtype=np.float32)
+                index.add(batch)
+                stored.write(batch.astype(dtype).tobytes())
+                row += len(batch)
         if row != n:
             raise ClipcraftError(f"{src}: read {row} vectors, the manifest says {n}.")
-        vectors = np.load(tmp / VECTORS, mmap_mode="r")
         if kind == "ivf":
-            info.update(_tune(index, vectors, config, rng))
+            info.update(_tune(index, tmp / VECTORS, config, rng))
         (tmp / METADATA_DIR).mkdir()
         for _, parquet, _ in files:
             shutil.copyfile(parquet, tmp / METADATA_DIR / parquet.name)
@@ -206,19 +251,21 @@ def build_index_from_shards(
     return out_manifest
 
 
-def _tune(index: Any, vectors: np.ndarray, config: IndexConfig, rng: np.random.Generator) -> dict[str, Any]:
+def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator) -> dict[str, Any]:
     """The smallest ``nprobe`` whose recall@10 (leave-one-out on sampled stored vectors, against exact search
     over all of them) reaches ``config.target_recall``; or ``config.nprobe`` when given."""
     faiss = import_faiss()
     ivf = faiss.extract_index_ivf(index)
-    n = vectors.shape[0]
+    rows = _NpyRows(path)
+    n = rows.count
     picked = np.sort(rng.choice(n, min(n, 200), replace=False))
-    queries = np.asarray(vectors[picked], dtype=np.float32)
+    queries = rows.take(picked)
+    vectors = np.load(path, mmap_mode="r")  # the re-rank reads a few candidate rows
     k = min(10, n - 1)
     if k < 1:
         ivf.nprobe = ivf.nlist
         return {"nprobe": int(ivf.nlist), "tuned_recall_at_10": 1.0}
-    truth = _without_self(_exact_topk(vectors, queries, k + 1), picked, k)
+    truth = _without_self(exact_topk(rows, queries, k + 1), picked, k)
     values = [config.nprobe] if config.nprobe else [v for v in KNOBS if v < ivf.nlist] + [ivf.nlist]
     chosen, recall = values[-1], 0.0
     for value in values:
