@@ -5,18 +5,21 @@
 
     manifest.json       format clipcraft-index, layout "shards": model, precision, source, counts, index info,
                         metadata offsets
-    index.faiss         exact (IndexFlatIP, small collections) or IVF with 8-bit scalar codes whose coarse
-                        quantizer is an HNSW graph over the centroids
+    index.faiss         exact (IndexFlatIP, small collections) or IVF with 8-bit scalar codes (``sq8``, D bytes a
+                        vector) or product-quantizer codes (``pq``, D/2 bytes), whose coarse quantizer is an
+                        HNSW graph over the centroids
     vectors.npy         (N, D) the stored vectors (float16 or float32 as embedded), for the exact re-rank
     metadata/*.parquet  the shards' key, path and caption columns; row i of the index is row i - offset of
                         the shard holding it
 
 The build never holds all the vectors: the coarse quantizer is trained on a sample (``train_per_list``
-vectors per inverted list, read by memory-mapping the shards), then the vectors are added chunk by chunk as
-``embedding-reader`` streams them from the ``.npy`` shards, and copied to ``vectors.npy`` on the way. What
-stays in memory is the IVF index (one byte per dimension per vector, plus 8 bytes of id) and one chunk.
+vectors per inverted list, read from the shards), then the vectors are added chunk by chunk as
+``embedding-reader`` streams them from the ``.npy`` shards, and copied to ``vectors.npy`` on the way (plain
+writes and reads: no memory map holds those pages in the build's resident memory). What stays in memory is
+the IVF index (its codes, 8 bytes of id a vector, and up to 2x list over-allocation as the lists grow) and one
+chunk: for 10M x 256-d about 3.6 GB with ``sq8`` and 1.9 GB with ``pq``.
 
-Search: the IVF index finds ``k * refine_factor`` candidates on the 8-bit codes; their stored vectors are
+Search: the IVF index finds ``k * refine_factor`` candidates on its codes; their stored vectors are
 read from the memory-mapped ``vectors.npy`` and re-ranked exactly. ``nprobe`` is tuned at build time until
 recall@10 against exact search (leave-one-out, on sampled stored vectors) reaches ``target_recall``.
 Opening memory-maps ``index.faiss`` (FAISS ``IO_FLAG_MMAP``), ``vectors.npy`` and each metadata shard as it
@@ -49,6 +52,8 @@ from clipcraft.search.index import FAISS_FILE, INDEX_FORMAT, MANIFEST, Index
 LAYOUT = "shards"
 LAYOUT_VERSION = 1
 VECTORS = "vectors.npy"
+ADD_EF_SEARCH = 16  # HNSW beam while adding: a vector near a list boundary may land in the next list
+SEARCH_EF_SEARCH = 128  # HNSW beam at query time: finds the nprobe nearest lists
 KNOBS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 
 
@@ -112,7 +117,7 @@ def _sample_rows(files: list[tuple[Path, Path, int]], rows: np.ndarray) -> np.nd
 
 
 def exact_topk(
-    vectors: _NpyRows | np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_000
+    vectors: _NpyRows | np.ndarray, queries: np.ndarray, k: int, chunk: int = 50_000
 ) -> np.ndarray:
     """Ids (Q, k) of the exact top-k by inner product of (Q, D) float32 ``queries`` over the (N, D) rows of
     ``vectors`` (an array, or a ``.npy`` file read in chunks), ties by lower id."""
@@ -192,15 +197,26 @@ def build_index_from_shards(
     else:
         nlist = config.nlist or max(1, min(int(2 * math.sqrt(n)), n // 39))
         quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        quantizer.hnsw.efSearch = 128
-        index = faiss.IndexIVFScalarQuantizer(
-            quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-        )
+        quantizer.hnsw.efSearch = ADD_EF_SEARCH  # assigning vectors to lists while adding
+        if config.ivf_storage == "pq":  # d/2 bytes a vector (2 dims per 8-bit code): half of sq8's memory
+            m = d // 2 if d % 2 == 0 else d
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        elif config.ivf_storage == "sq8":
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
+        else:
+            raise ClipcraftError(
+                f"ivf_storage from shards must be 'sq8' or 'pq'; got {config.ivf_storage!r}."
+            )
+        index.clustering_index = faiss.IndexFlatIP(d)  # k-means assigns exactly (BLAS), not through the graph
         index.cp.niter = config.kmeans_iters
         index.cp.max_points_per_centroid = config.train_per_list
         train_rows = np.sort(rng.choice(n, min(n, config.train_per_list * nlist), replace=False))
         index.train(_sample_rows(files, train_rows))  # k-means on the sample; centroids into the HNSW
-        info.update(nlist=int(nlist), storage="sq8", refine_factor=int(config.refine_factor))
+        info["train_s"] = round(time.perf_counter() - start, 2)
+        _log_memory("trained")
+        info.update(nlist=int(nlist), storage=config.ivf_storage, refine_factor=int(config.refine_factor))
 
     reader = _embedding_reader(src / "embeddings")
     dtype = np.dtype(manifest["dtype"])
@@ -217,8 +233,14 @@ def build_index_from_shards(
                 row += len(batch)
         if row != n:
             raise ClipcraftError(f"{src}: read {row} vectors, the manifest says {n}.")
+        info["add_s"] = round(time.perf_counter() - start - info.get("train_s", 0.0), 2)
+        _log_memory("added")
         if kind == "ivf":
+            faiss.downcast_index(index.quantizer).hnsw.efSearch = SEARCH_EF_SEARCH
             info.update(_tune(index, tmp / VECTORS, config, rng))
+            info["quantizer_ef_search"] = SEARCH_EF_SEARCH
+            info["tune_s"] = round(time.perf_counter() - start - info["train_s"] - info["add_s"], 2)
+            _log_memory("tuned")
         (tmp / METADATA_DIR).mkdir()
         for _, parquet, _ in files:
             shutil.copyfile(parquet, tmp / METADATA_DIR / parquet.name)
@@ -249,6 +271,16 @@ def build_index_from_shards(
         }
         (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=1) + "\n")
     return out_manifest
+
+
+def _log_memory(phase: str) -> None:
+    """With CLIPCRAFT_LOG_MEMORY=1, print the resident and peak memory after a build phase (benchmarks)."""
+    if os.environ.get("CLIPCRAFT_LOG_MEMORY") != "1":
+        return
+    status = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    print(f"[build] {phase}: VmRSS {status['VmRSS'].strip()}, VmHWM {status['VmHWM'].strip()}", flush=True)
 
 
 def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator) -> dict[str, Any]:
@@ -366,7 +398,11 @@ def load_shard_index(path: Path, manifest: dict[str, Any]) -> ShardIndex:
     index = faiss.read_index(str(path / FAISS_FILE), flags)
     info = manifest.get("index", {})
     if info.get("kind") == "ivf":
-        faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = int(info["nprobe"])
+        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = int(
+            info.get("quantizer_ef_search", SEARCH_EF_SEARCH)
+        )
     if index.ntotal != int(manifest["count"]):
         raise ClipcraftError(
             f"{path} is inconsistent: {index.ntotal} indexed vectors, {manifest['count']} in the manifest."
