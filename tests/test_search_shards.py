@@ -149,16 +149,21 @@ def test_index_from_shards_returns_the_exact_top10(tmp_path: Path, kind: str) ->
     assert len(index) == 2000 and index.path_of(1234) == "v1234" and index.files[601].path == "v601"
 
 
-def test_tuned_ivf_from_shards_reaches_its_target_recall(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["sq8", "pq"])
+def test_tuned_ivf_from_shards_reaches_its_target_recall(tmp_path: Path, storage: str) -> None:
     data, queries = np.split(_clustered(4100, 32, seed=2), [4000])  # 100 held-out queries, same clusters
     write_arrays_as_shards(
         tmp_path / "emb", [(data[:2000], range(2000)), (data[2000:], range(2000, 4000))], dim=32
     )
     manifest = build_index_from_shards(
-        tmp_path / "emb", tmp_path / "idx", IndexConfig(kind="ivf", target_recall=0.95)
+        tmp_path / "emb",
+        tmp_path / "idx",
+        IndexConfig(kind="ivf", target_recall=0.95, ivf_storage=storage, refine_factor=8),
     )
     info = manifest["index"]
-    assert info["tuned_recall_at_10"] >= 0.95 and info["nprobe"] <= info["nlist"]
+    assert (
+        info["storage"] == storage and info["tuned_recall_at_10"] >= 0.95 and info["nprobe"] <= info["nlist"]
+    )
     _, ids = Index.load(tmp_path / "idx").search_vectors(queries, 10)
     _, truth = exact_search(data.astype(np.float16).astype(np.float32), queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist(), strict=True)])

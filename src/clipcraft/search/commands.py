@@ -57,7 +57,12 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         kind=args.kind, exact_threshold=args.exact_threshold, target_recall=args.target_recall
     )
     if args.embeddings or args.sharded:
+        config.ivf_storage = args.storage
         return _index_from_shards(args, config)
+    if args.storage != "sq8":
+        raise ClipcraftError(
+            "--storage pq is for indexes built from embedding shards (--sharded or --embeddings)."
+        )
     if not (args.model and args.images):
         raise ClipcraftError(
             "index build needs --model and --images (or --embeddings DIR of embedding shards)."
@@ -227,6 +232,13 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
         "--embeddings", default=None, help="folder of embedding shards (from `clipcraft embed --out-dir`)"
     )
     b.add_argument("--shard-size", type=int, default=10_000, help="--sharded: images per embedding shard")
+    b.add_argument(
+        "--storage",
+        choices=["sq8", "pq"],
+        default="sq8",
+        help="from shards, ivf: 8-bit codes (D bytes a vector) or product-quantizer codes (D/2 bytes, for "
+        "collections whose codes must fit a smaller memory)",
+    )
     b.add_argument(
         "--dtype", choices=["float16", "float32"], default="float16", help="--sharded: vector storage"
     )
