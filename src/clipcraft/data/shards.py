@@ -229,7 +229,8 @@ def write_shards(
             continue
         samples = captions = 0
         with atomic_file(target / name) as fh:
-            writer = wds.TarWriter(fh, mtime=0.0)  # fixed mtime: the same input gives the same bytes
+            # a fixed integer mtime: the same input gives the same bytes, and no PAX header per member
+            writer = wds.TarWriter(fh, mtime=0)
             for offset, record in enumerate(chunk):
                 index = first + offset
                 report.seen(len(record.captions))

@@ -260,8 +260,8 @@ def iter_shard(url: str, shard_number: int = 0) -> Iterator[RawSample | BadItem]
 def _caption(sample: RawSample, seed: int, epoch: int) -> str:
     if len(sample.captions) == 1:
         return sample.captions[0]
-    pick = np.random.default_rng([seed, epoch, sample.sample_id & 0xFFFFFFFF, sample.sample_id >> 32])
-    return sample.captions[int(pick.integers(len(sample.captions)))]
+    pick = hash((seed, epoch, sample.sample_id)) % len(sample.captions)  # ints hash alike in every process
+    return sample.captions[pick]
 
 
 def _shuffled(samples: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
