@@ -1,4 +1,5 @@
-"""WebDataset tar shards read with tarfile: shard lists, samples, bad samples, rank/worker splitting."""
+"""WebDataset tar shards read through the webdataset library: shard lists, samples, bad samples, rank/worker
+splitting, pipe: and fsspec URLs, and the training batches (fixed steps, resampling, weights, resume)."""
 
 from __future__ import annotations
 
@@ -65,10 +66,14 @@ def test_expand_braces():
 def test_list_shards_from_folder_file_and_pattern(tmp_path):
     shards = _good_shards(tmp_path, 3, 1)
     (tmp_path / "notes.txt").write_text("not a shard")
+    shards = [str(s) for s in shards]
     assert list_shards(tmp_path) == shards
     assert list_shards(shards[1]) == [shards[1]]
     assert list_shards(str(tmp_path / "shards-{000..001}.tar")) == shards[:2]
     assert list_shards(str(tmp_path / "shards-00*.tar")) == shards
+    both = f"{tmp_path}/shards-000.tar::{tmp_path}/shards-{{001..002}}.tar"
+    assert list_shards(both) == shards and WebDatasetStream(both).sources == [shards[:1], shards[1:]]
+    assert list_shards("pipe:cat s-{0..1}.tar") == ["pipe:cat s-0.tar", "pipe:cat s-1.tar"]
     with pytest.raises(ClipcraftError):
         list_shards(tmp_path / "nowhere")
 
@@ -177,3 +182,75 @@ def test_dataloader_with_workers_drops_and_reports_bad_items(tmp_path):
     assert all(b.images.shape[1:] == (3, 4, 4) and b.tokens == len(b.captions) for b in batches)
     bad = [item for b in batches for item in b.bad]
     assert [item.kind for item in bad] == [UNREADABLE_IMAGE]
+
+
+def test_pipe_commands_and_fsspec_urls_read_like_local_files(tmp_path):
+    import fsspec
+
+    shards = _good_shards(tmp_path, 2, 3)
+    local = [it.caption for it in WebDatasetStream(tmp_path, shuffle=False)]
+    piped = WebDatasetStream(f"pipe:cat {tmp_path}/shards-{{000..001}}.tar", shuffle=False)
+    assert [it.caption for it in piped] == local
+    for shard in shards:
+        with fsspec.open(f"memory://wds-test/{shard.name}", "wb") as fh:
+            fh.write(shard.read_bytes())
+    remote = WebDatasetStream("memory://wds-test/shards-{000..001}.tar", shuffle=False)
+    assert [it.caption for it in remote] == local
+    failing = WebDatasetStream("pipe:cat /nonexistent/shard.tar", shuffle=False)
+    assert list(failing)[0].kind == BAD_SHARD  # the command's exit status is reported, not raised
+
+
+def _batches(stream, plan, start=0, workers=0, epoch=0, weights=None):
+    from clipcraft.data.webdataset import ShardBatches, in_order
+
+    batches = ShardBatches(stream, plan, weights=weights)
+    batches.set_epoch(epoch, start)
+    loader = DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=lambda x: x)
+    return list(in_order(iter(loader), start))
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_stream_batches_resume_mid_epoch_bit_exact(tmp_path, resampled):
+    """Starting an epoch at batch 3 (what a resume does) gives exactly batches 3.. of the whole epoch, with
+    two workers (batches interleave across them) and random augmentation."""
+    from torchvision import transforms
+
+    from clipcraft.data.webdataset import StreamPlan
+
+    _good_shards(tmp_path, 4, 5)
+    crop = transforms.Compose([transforms.RandomResizedCrop(4, scale=(0.2, 1.0)), transforms.PILToTensor()])
+    plan = StreamPlan(steps=7, batch_size=3, world_size=1, num_workers=2, resampled=resampled, seed=5)
+
+    def stream():
+        return WebDatasetStream(tmp_path, transform=crop, shuffle_buffer=4, seed=5)
+
+    whole = _batches(stream(), plan, workers=2, epoch=1)
+    resumed = _batches(stream(), plan, start=3, workers=2, epoch=1)
+    assert len(whole) == 7 and all(len(b) == 3 for b in whole)
+    assert len(resumed) == 4
+    for a, b in zip(whole[3:], resumed, strict=True):
+        assert [x.index for x in a] == [x.index for x in b] and [x.caption for x in a] == [
+            x.caption for x in b
+        ]
+        assert all(torch.equal(x.image, y.image) for x, y in zip(a, b, strict=True))
+    other_epoch = _batches(stream(), plan, workers=2, epoch=2)
+    assert [x.index for b in other_epoch for x in b] != [x.index for b in whole for x in b]
+
+
+def test_stream_batches_fixed_steps_on_every_rank_and_weighted_sources(tmp_path):
+    from clipcraft.data.webdataset import StreamPlan
+
+    _good_shards(tmp_path / "a", 3, 2)
+    _good_shards(tmp_path / "b", 2, 9)  # unequal shards: ranks would run dry at different times
+    spec = f"{tmp_path}/a::{tmp_path}/b"
+    plan = StreamPlan(steps=6, batch_size=4, world_size=2, num_workers=0, resampled=False, seed=0)
+    for rank in (0, 1):
+        got = _batches(WebDatasetStream(spec, rank=rank, world_size=2), plan)
+        assert len(got) == 6 and all(len(b) == 4 for b in got)  # the shards wrap around to fill the quota
+    weighted = StreamPlan(steps=5, batch_size=4, world_size=1, num_workers=0, resampled=True, seed=0)
+    only_b = _batches(WebDatasetStream(spec), weighted, weights=[0, 1])
+    assert {x.index >> 32 for b in only_b for x in b} <= {3, 4}  # shards of source b
+    with pytest.raises(ClipcraftError, match="one non-negative weight per"):
+        _batches(WebDatasetStream(spec), weighted, weights=[1])
+    with pytest.raises(ClipcraftError, match="every worker needs a shard"):
+        _batches(WebDatasetStream(tmp_path / "b"), StreamPlan(2, 2, 2, 2, False, 0))

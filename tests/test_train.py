@@ -256,7 +256,7 @@ def test_siglip_loss_and_locked_image_tower_train(scenes: Path, tmp_path: Path) 
     assert torch.equal(trained.logit_bias, start["model"]["logit_bias"])
 
 
-def test_webdataset_shards_are_refused_with_a_clear_message(tmp_path: Path) -> None:
+def test_webdataset_shards_without_a_sample_count_are_refused_with_a_clear_message(tmp_path: Path) -> None:
     import tarfile
 
     shard = tmp_path / "shard-000000.tar"
@@ -264,7 +264,7 @@ def test_webdataset_shards_are_refused_with_a_clear_message(tmp_path: Path) -> N
         pass
     from clipcraft.errors import ClipcraftError
 
-    with pytest.raises(ClipcraftError, match="WebDataset"):
+    with pytest.raises(ClipcraftError, match="WebDataset shards .* set train_num_samples"):
         train(_config(shard, tmp_path / "run", data_format="webdataset"))
 
 

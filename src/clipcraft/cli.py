@@ -23,6 +23,7 @@ from clipcraft.flags import (
 # Feature packages add their own subcommands: each module has ``register(subparsers, formatter_class)``, which
 # must stay light (no torch, FAISS or web imports at registration; import inside the command function).
 COMMAND_MODULES: tuple[str, ...] = (
+    "clipcraft.data.commands",
     "clipcraft.train.commands",
     "clipcraft.search.commands",
     "clipcraft.evaluation.commands",
@@ -77,6 +78,15 @@ def _cmd_create(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    if args.source is not None or args.out_dir is not None:  # embedding shards, under torchrun or not
+        if not (args.source and args.out_dir) or args.images or args.texts:
+            raise ClipcraftError(
+                "Embedding shards take --source SRC and --out-dir DIR (and no files or --text)."
+            )
+        from clipcraft.search.commands import embed_shards
+
+        _, report = embed_shards(args, args.source, args.out_dir)
+        return 1 if report.failed else 0
     if bool(args.images) == bool(args.texts):
         raise ClipcraftError("Pass image files or --text captions (one of them).")
     check_batch_size(args)
@@ -250,13 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  clipcraft embed --model M photo1.jpg photo2.png --out emb.npy\n"
         '  clipcraft embed --model M --text "a dog" --text "a cat"\n\n'
         "Images that cannot be read are skipped and named on stderr (exit code 1); with --out, the row names\n"
-        "(image paths or texts, one a line) go to <out>.paths.txt or <out>.texts.txt beside the .npy file.",
+        "(image paths or texts, one a line) go to <out>.paths.txt or <out>.texts.txt beside the .npy file.\n\n"
+        "Collections: --source SRC --out-dir DIR writes embedding shards (DIR/embeddings/*.npy, float16 or\n"
+        "float32, DIR/metadata/*.parquet with key, path, caption), --shard-size images each; under torchrun\n"
+        "every rank embeds its part; a rerun embeds only the shards not finished:\n"
+        "  torchrun --nproc_per_node 2 -m clipcraft.cli embed --model M --source photos/ --out-dir emb/",
         formatter_class=_Formatter,
     )
     p.add_argument("--model", required=True, help="saved model directory")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--text", dest="texts", action="append", default=[], help="a caption (repeatable)")
     p.add_argument("--out", default=None, help=".npy file to write; default: print the vectors")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="embed a folder, a .txt list of image paths or WebDataset shards into shards",
+    )
+    p.add_argument("--out-dir", default=None, help="with --source: the embedding-shards folder")
+    p.add_argument("--shard-size", type=int, default=10_000, help="with --source: images per embedding shard")
+    p.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float16", help="with --source: storage"
+    )
     add_encoding(p, batch_size=32)
     p.set_defaults(func=_cmd_embed)
 

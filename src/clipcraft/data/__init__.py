@@ -33,7 +33,7 @@ from clipcraft.data.report import KINDS, BadDataError, BadDataReport, BadItem
 from clipcraft.data.sampler import CaptionGroupedBatchSampler
 from clipcraft.data.table import read_table
 from clipcraft.data.validate import validate
-from clipcraft.data.webdataset import WebDatasetStream, expand_braces, list_shards
+from clipcraft.data.webdataset import ShardBatches, StreamPlan, WebDatasetStream, expand_braces, list_shards
 
 __all__ = [
     "FORMATS",
@@ -48,6 +48,8 @@ __all__ = [
     "CaptionGroupedBatchSampler",
     "CaptionItem",
     "CaptionRecord",
+    "ShardBatches",
+    "StreamPlan",
     "WebDatasetStream",
     "canonical_format",
     "check_image",

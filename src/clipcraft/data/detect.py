@@ -2,7 +2,8 @@
 
 Detection rules, first match wins:
 
-- a brace pattern (``shards-{000..009}.tar``), a ``.tar``/``.tar.gz`` file or a folder of them → ``webdataset``
+- a brace pattern (``shards-{000..009}.tar``), sources joined by ``::``, a ``pipe:`` command or URL, a glob of
+  tar files, a ``.tar``/``.tar.gz`` file or a folder of them → ``webdataset``
 - a folder with ``captions.txt`` (or that file itself) → ``flickr``
 - a folder with ``metadata.jsonl``/``metadata.csv``, directly or in train/validation/test subfolders →
   ``imagefolder``
@@ -23,7 +24,7 @@ from clipcraft.data.dataset import CaptionDataset, ImageTransform, TextTransform
 from clipcraft.data.flickr import CAPTIONS_FILE, read_flickr
 from clipcraft.data.imagefolder import imagefolder_splits, read_imagefolder
 from clipcraft.data.table import TABLE_SUFFIXES, read_table
-from clipcraft.data.webdataset import WebDatasetStream, _is_shard_name, is_brace_pattern
+from clipcraft.data.webdataset import WebDatasetStream, _is_shard_name, is_shard_spec
 from clipcraft.errors import ClipcraftError, unknown_name
 
 FORMATS = ("flickr", "table", "coco", "imagefolder", "webdataset")
@@ -55,7 +56,7 @@ def detect_format(path: str | os.PathLike) -> str:
     Raises :class:`ClipcraftError` when the path does not exist or matches no rule, saying what was found.
     """
     text = os.fspath(path)
-    if is_brace_pattern(text):
+    if is_shard_spec(text):
         return "webdataset"
     p = Path(text)
     if p.is_dir():

@@ -15,6 +15,41 @@ from clipcraft.errors import ClipcraftError
 from clipcraft.flags import add_encoding, device_of, print_help_and_fail, rerun_command
 
 
+def embed_shards(args: argparse.Namespace, source: str, out: str) -> Any:
+    """Embed ``source`` into embedding shards in ``out`` on every rank of a torchrun job (or one process):
+    the runtime joins the process group, each rank embeds its units, rank 0 writes the manifest."""
+    from clipcraft.encoding import EncodeSettings
+    from clipcraft.flags import load_model_arg
+    from clipcraft.search.embedding_shards import embed_to_shards
+    from clipcraft.train.runtime import open_runtime
+
+    with open_runtime(args.device or "auto", args.precision) as rt:
+        model = load_model_arg(args.model, rt.device)
+        model.source_dir = args.model
+        settings = EncodeSettings(
+            precision=rt.precision, batch_size=args.batch_size, workers=args.workers, progress=False
+        )
+        report = embed_to_shards(
+            model,
+            source,
+            out,
+            settings=settings,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            rank=rt.rank,
+            world_size=rt.world_size,
+            barrier=rt.barrier,
+        )
+        for bad in report.failed[:20]:
+            print(f"clipcraft: skipped {bad['where']}: {bad['reason']}", file=sys.stderr)
+        print(
+            f"rank {rt.rank}/{rt.world_size}: {report.embedded} unit(s) embedded ({report.vectors} vectors), "
+            f"{report.reused} already done, of {report.units}; {len(report.failed)} input(s) skipped -> {out}",
+            file=sys.stderr,
+        )
+        return rt, report
+
+
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from clipcraft.search.ann import IndexConfig
     from clipcraft.search.index import build_index, saved_by_interrupted_build
@@ -22,6 +57,17 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     config = IndexConfig(
         kind=args.kind, exact_threshold=args.exact_threshold, target_recall=args.target_recall
     )
+    if args.embeddings or args.sharded:
+        config.ivf_storage = args.storage
+        return _index_from_shards(args, config)
+    if args.storage != "sq8":
+        raise ClipcraftError(
+            "--storage pq is for indexes built from embedding shards (--sharded or --embeddings)."
+        )
+    if not (args.model and args.images):
+        raise ClipcraftError(
+            "index build needs --model and --images (or --embeddings DIR of embedding shards)."
+        )
     try:
         report = build_index(
             args.model,
@@ -49,6 +95,34 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         )
         return 130
     print(json.dumps(report.to_dict()) if args.json else report.summary())
+    return 0
+
+
+def _index_from_shards(args: argparse.Namespace, config: Any) -> int:
+    """``--sharded``: embed into embedding shards under torchrun, then rank 0 builds; ``--embeddings``: build
+    from shards made before (``clipcraft embed --source ... --out-dir ...``)."""
+    import os
+
+    from clipcraft.search.shard_index import build_index_from_shards
+
+    embeddings = args.embeddings or f"{args.out.rstrip('/')}.embeddings"
+    if args.sharded:
+        if not (args.model and args.images):
+            raise ClipcraftError("--sharded needs --model and --images (a folder, a .txt list or shards).")
+        embed_shards(args, args.images, embeddings)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # rank 0 builds the index from every rank's shards
+    manifest = build_index_from_shards(embeddings, args.out, config, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(manifest))
+    else:
+        info = manifest["index"]
+        print(
+            f"Index {args.out}: {manifest['count']} vectors from {embeddings}, {info['kind']} index"
+            + (f" (nlist {info['nlist']}, nprobe {info['nprobe']}, tuned recall@10 {info['tuned_recall_at_10']})"
+               if info["kind"] == "ivf" else "")
+            + f", {manifest['build']['seconds']:.1f} s."
+        )  # fmt: skip
     return 0
 
 
@@ -146,11 +220,17 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
         "again to update: only new or changed files are embedded, deleted ones are dropped, and an "
         "interrupted build continues where it stopped.",
         epilog="Examples:\n  clipcraft index build --model models/seed --images photos/ --out photos.index\n"
-        "  clipcraft index build --model M --images flickr8k/images --out f8k.index --captions captions.txt",
+        "  clipcraft index build --model M --images flickr8k/images --out f8k.index --captions captions.txt\n"
+        "  torchrun --nproc_per_node 4 -m clipcraft.cli index build --sharded --model M --images big/ --out big.index\n"
+        "  clipcraft index build --embeddings emb/ --out big.index        # from `clipcraft embed --out-dir emb/`",
         formatter_class=formatter_class,
     )
-    b.add_argument("--model", required=True, help="saved model directory")
-    b.add_argument("--images", required=True, help="folder of images (walked recursively)")
+    b.add_argument("--model", default=None, help="saved model directory")
+    b.add_argument(
+        "--images",
+        default=None,
+        help="folder of images (walked recursively); with --sharded also a .txt list of paths or WebDataset shards",
+    )
     b.add_argument("--out", required=True, help="index directory to write or update")
     b.add_argument(
         "--captions", default=None, help="text file (one caption a line) or CSV with a caption column"
@@ -161,6 +241,26 @@ def register(subparsers: Any, formatter_class: type[argparse.HelpFormatter]) -> 
     )
     b.add_argument(
         "--target-recall", type=float, default=0.98, help="approximate: tune search effort to this recall@10"
+    )
+    b.add_argument(
+        "--sharded",
+        action="store_true",
+        help="embed into embedding shards (every torchrun rank a part, resumable per shard; in <out>.embeddings "
+        "unless --embeddings), then build the index from them without loading them all (rank 0)",
+    )
+    b.add_argument(
+        "--embeddings", default=None, help="folder of embedding shards (from `clipcraft embed --out-dir`)"
+    )
+    b.add_argument("--shard-size", type=int, default=10_000, help="--sharded: images per embedding shard")
+    b.add_argument(
+        "--storage",
+        choices=["sq8", "pq"],
+        default="sq8",
+        help="from shards, ivf: 8-bit codes (D bytes a vector) or product-quantizer codes (D/2 bytes, for "
+        "collections whose codes must fit a smaller memory)",
+    )
+    b.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float16", help="--sharded: vector storage"
     )
     add_encoding(b)
     b.add_argument("--json", action="store_true", help="print the build report as JSON")

@@ -475,6 +475,13 @@ class Index:
             raise ClipcraftError(f"{manifest_file} is not valid JSON: {exc}") from exc
         if manifest.get("format") != INDEX_FORMAT:
             raise ClipcraftError(f"{manifest_file} is not a clipcraft index manifest.")
+        if manifest.get("layout") == "shards":  # built from embedding shards: opened memory-mapped
+            from clipcraft.search.shard_index import load_shard_index
+
+            index = load_shard_index(root, manifest)
+            if model is not None:
+                index.set_model(model, identity=identity)
+            return index
         if int(manifest.get("format_version", 0)) > INDEX_FORMAT_VERSION:
             raise ClipcraftError(f"{root} was written by a newer clipcraft; upgrade clipcraft to read it.")
         faiss = import_faiss()

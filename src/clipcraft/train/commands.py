@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipcraft.errors import ClipcraftError
 from clipcraft.train.config import add_runtime_flags
 
 
@@ -24,20 +25,34 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         "  clipcraft train --config configs/seed.yaml --device cuda:1 --precision fp32\n"
         "  clipcraft train --resume runs/x\n"
         "  clipcraft train --init hf:openai/clip-vit-base-patch32 --data photos.csv --output-dir runs/mine\n"
+        "  clipcraft train --data 'shards/{000000..000099}.tar' train_num_samples=100000 resampled=true\n"
+        "  clipcraft train --data 'a/{000..009}.tar::b/{000..029}.tar' --data-weights 1,3 train_num_samples=50000\n"
         "  torchrun --nproc_per_node 2 -m clipcraft.cli train --config C.yaml   # data parallel",
         formatter_class=formatter,
     )
     p.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
-    p.add_argument("--data", default=None, help="dataset path (overrides the config's data)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset path (overrides the config's data); WebDataset shards are streamed: a brace pattern "
+        "'shards/{000000..000099}.tar', a glob, a pipe: command, an fsspec URL, several joined by '::'",
+    )
+    p.add_argument(
+        "--data-format",
+        default=None,
+        help="flickr | table | coco | imagefolder | webdataset (default: detect)",
+    )
+    p.add_argument(
+        "--data-weights",
+        default=None,
+        help="resampled streams: how often each '::' source is drawn, e.g. 1,3 (sets resampled=true)",
+    )
     p.add_argument(
         "--init",
         default=None,
         metavar="MODEL",
         help="start from an existing model instead of `model`: a saved clipcraft directory, a transformers "
         "CLIP/SigLIP directory, hf:ID or open_clip:ARCH,checkpoint=FILE",
-    )
-    p.add_argument(
-        "--data-format", default=None, help="flickr | table | coco | imagefolder (default: detect)"
     )
     add_runtime_flags(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
@@ -58,6 +73,14 @@ def _run(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("data", "data_format", "output_dir", "device", "precision", "init")
     }
+    if args.data_weights is not None:
+        try:
+            flags["data_weights"] = [float(w) for w in args.data_weights.split(",")]
+        except ValueError:
+            raise ClipcraftError(
+                f"--data-weights takes numbers like 1,3; got {args.data_weights!r}."
+            ) from None
+        flags["resampled"] = True
     config = TrainConfig.from_dict(gather_config(args.resume, args.config, flags, args.overrides))
     try:
         result = train(config, resume=args.resume)

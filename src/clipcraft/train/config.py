@@ -99,6 +99,14 @@ class TrainConfig:
     val_split: str | None = "auto"  # auto: "dev"/"validation" when the format has one; None: no validation
     hflip: float = 0.0  # horizontal flip probability while training (0: captions say "left" and "right")
     max_bad_fraction: float = 0.05  # fail before training when more of the data is bad
+    # -- streaming from WebDataset shards (data: shards, brace pattern, glob, pipe:/fsspec URL, a::b sources)
+    train_num_samples: int | None = None  # samples per epoch, all ranks (None: the shard manifests' total)
+    resampled: bool = False  # draw shards with replacement (per rank and worker) instead of epoch order
+    data_weights: list[float] | None = None  # resampled: how often each '::' source is drawn
+    shuffle_buffer: int = 1000  # samples shuffled together in each loader worker
+    stream_deterministic: bool = (
+        False  # every rank reads all shards, keeps its slice: same data for any ranks
+    )
     check_images: str = "header"  # none | header | decode: how hard to look at images before training
     # -- learning
     lr_image_tower: float = 1e-5

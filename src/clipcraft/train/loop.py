@@ -87,40 +87,46 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
     # -- data: read, check before training, and open the validation split
     fmt = detect_format(config.data) if config.data_format is None else config.data_format
     train_split, val_split, test_split = _splits(config, fmt)
-    train_set = _open(config, config.data, train_split)
-    report = validate(train_set, config.max_bad_fraction, check_images=config.check_images)  # type: ignore[arg-type]
-    log.info(f"Training data: {train_set!r}\n{report.render()}")
-    val_set = _open(config, config.val_data or config.data, val_split) if val_split else None
-
-    # -- features of locked towers whose input is not augmented: computed once, reused every epoch
-    image_cache, text_cache, index_map = _feature_caches(config, model, train_set, rt, report, log)
-    if index_map is not None:
-        train_set = train_set.subset(index_map.tolist())
-
     epochs, batch_size, loader_config = config.optim.epochs, config.optim.batch_size, config.loader
-    sampler = CaptionGroupedBatchSampler(
-        train_set, batch_size, seed=config.run.seed, num_replicas=rt.world_size, rank=rt.rank
-    )
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = steps_per_epoch * epochs
     transform = model.image_transform(
         train=loader_config.augment, scale=loader_config.crop_scale, hflip=config.hflip
     )
-    items = _TrainItems(train_set, None if image_cache is not None else transform, seed=config.run.seed)
-    loader = DataLoader(
-        items,
-        batch_sampler=_EpochKeys(sampler),
-        collate_fn=_TrainCollate(None if text_cache is not None else model.tokenize),
-        num_workers=loader_config.num_workers,
-        persistent_workers=loader_config.num_workers > 0,  # no worker start-up at every epoch
-        pin_memory=rt.device.type == "cuda",
-        generator=torch.Generator().manual_seed(config.run.seed),  # keeps the main RNG for dropout only
-    )
+    image_cache = text_cache = index_map = None
+    if fmt == "webdataset":  # streamed: no scan before training (bad samples are counted as they come)
+        data: _MapBatches | _StreamBatches = _StreamBatches(config, model, transform, rt, checkpoint)
+        report = BadDataReport(config.data)
+        log.info(f"Training data: {data.stream!r}, {data.plan}")
+    else:
+        train_set = _open(config, config.data, train_split)
+        report = validate(train_set, config.max_bad_fraction, check_images=config.check_images)  # type: ignore[arg-type]
+        log.info(f"Training data: {train_set!r}\n{report.render()}")
+
+        # -- features of locked towers whose input is not augmented: computed once, reused every epoch
+        image_cache, text_cache, index_map = _feature_caches(config, model, train_set, rt, report, log)
+        if index_map is not None:
+            train_set = train_set.subset(index_map.tolist())
+        sampler = CaptionGroupedBatchSampler(
+            train_set, batch_size, seed=config.run.seed, num_replicas=rt.world_size, rank=rt.rank
+        )
+        items = _TrainItems(train_set, None if image_cache is not None else transform, seed=config.run.seed)
+        loader = DataLoader(
+            items,
+            batch_sampler=_EpochKeys(sampler),
+            collate_fn=_TrainCollate(None if text_cache is not None else model.tokenize),
+            num_workers=loader_config.num_workers,
+            persistent_workers=loader_config.num_workers > 0,  # no worker start-up at every epoch
+            pin_memory=rt.device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.run.seed),  # keeps the main RNG for dropout only
+        )
+        data = _MapBatches(sampler, loader)
+    val_set = _open(config, config.val_data or config.data, val_split) if val_split else None
+    steps_per_epoch = data.steps
+    total_steps = steps_per_epoch * epochs
 
     groups = param_groups(model, config.learning_rates(), config.optim.weight_decay)
     optimizer = build_optimizer(groups, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
-    load_report = BadDataReport(train_set.source)  # images that failed to decode while training
+    load_report = BadDataReport(config.data)  # images that failed to decode while training
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -144,6 +150,7 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
             "scheduler": scheduler.state_dict(),
             "load_report": load_report.to_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {}),
+            **data.state(state["epoch"], state["batch"]),
         }
 
     def evaluated() -> contextlib.AbstractContextManager[None]:
@@ -159,10 +166,9 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
     )
     while state["epoch"] < epochs and not run.out_of_steps():
         epoch = state["epoch"]
-        sampler.set_epoch(epoch, start_batch=state["batch"])
         model.train()
         bar = run.progress(steps_per_epoch, epochs)
-        for batch, caption_indices in loader:
+        for batch, caption_indices in data.epoch(epoch, state["batch"]):
             load_report.record_batch(len(batch), batch.bad)
             size = rt.min_int(len(batch))  # every rank must gather the same number of rows
             state["batch"] += 1
@@ -354,6 +360,118 @@ class _TrainCollate:
             [it[3] for it in items if not isinstance(it, BadItem)], dtype=torch.int64
         )
         return batch, caption_indices
+
+
+class _MapBatches:
+    """One epoch of the map-style loader: the grouped sampler's batches from ``start_batch`` on."""
+
+    def __init__(self, sampler: CaptionGroupedBatchSampler, loader: DataLoader) -> None:
+        self.sampler, self.loader = sampler, loader
+        self.steps = sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int) -> Any:
+        self.sampler.set_epoch(epoch, start_batch=start_batch)
+        return self.loader
+
+    def state(self, epoch: int, batch: int) -> dict[str, Any]:
+        return {}  # the sampler is a function of (seed, epoch, batch), which the run state holds
+
+
+class _StreamBatches:
+    """One epoch of streamed shards (:class:`~clipcraft.data.webdataset.ShardBatches`): ``steps`` batches
+    on every rank, in order, from ``start_batch`` on. The checkpoint holds the stream state (seed, epoch,
+    samples seen, ranks and workers); a resume with another split is refused."""
+
+    def __init__(
+        self, config: TrainConfig, model: ClipModel, transform: Any, rt: Runtime, checkpoint: Any
+    ) -> None:
+        from clipcraft.data.webdataset import (
+            ShardBatches,
+            StreamPlan,
+            WebDatasetStream,
+            shard_manifest_samples,
+        )
+
+        if config.captions_per_image > 1:
+            raise ClipcraftError(
+                "captions_per_image > 1 needs cached text features, which streamed shards lack."
+            )
+        samples = config.train_num_samples or shard_manifest_samples(config.data)
+        if not samples:
+            raise ClipcraftError(
+                f"How many samples make an epoch of the WebDataset shards {config.data}? No manifest.json from "
+                "`clipcraft data shards` lists them all: set train_num_samples=N (all ranks)."
+            )
+        steps = samples // (config.optim.batch_size * rt.world_size)
+        if steps < 1:
+            raise ClipcraftError(
+                f"train_num_samples={samples} does not fill one global batch of {config.optim.batch_size} x "
+                f"{rt.world_size} process(es)."
+            )
+        stream = WebDatasetStream(
+            config.data,
+            transform=transform,
+            shuffle=True,
+            shuffle_buffer=config.shuffle_buffer,
+            seed=config.run.seed,
+            rank=0 if config.stream_deterministic else rt.rank,  # deterministic: all read all
+            world_size=1 if config.stream_deterministic else rt.world_size,
+        )
+        self.plan = StreamPlan(
+            steps=steps,
+            batch_size=config.optim.batch_size,
+            world_size=rt.world_size,
+            num_workers=config.loader.num_workers,
+            resampled=config.resampled,
+            seed=config.run.seed,
+            deterministic=config.stream_deterministic,
+            rank=rt.rank,
+        )
+        if checkpoint is not None:
+            self.plan.check_resume(checkpoint.get("stream"))
+        self.stream = stream
+        self.batches = ShardBatches(stream, self.plan, weights=_weights(config.data_weights))
+        self.loader = DataLoader(
+            self.batches,
+            batch_size=None,  # ShardBatches yields whole batches
+            collate_fn=_StreamCollate(model.tokenize),
+            num_workers=config.loader.num_workers,
+            pin_memory=rt.device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.run.seed),  # workers' seeds: not from the main RNG
+        )
+        self.steps = steps
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        from clipcraft.data.webdataset import in_order
+
+        self.batches.set_epoch(epoch, start_batch)  # reaches the workers: they start with each epoch
+        return in_order(iter(self.loader), start_batch)
+
+    def state(self, epoch: int, batch: int) -> dict[str, Any]:
+        return {"stream": self.plan.state(epoch, batch)}
+
+
+def _weights(value: Any) -> list[float] | None:
+    """``data_weights`` as floats: a list, or the command line's ``1,3``."""
+    if value is None or value == "":
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        return [float(w) for w in items]
+    except (TypeError, ValueError):
+        raise ClipcraftError(f"data_weights must be numbers, one per '::' source; got {value!r}.") from None
+
+
+class _StreamCollate:
+    """:func:`clipcraft.data.collate` of one streamed batch ``(number, items)``; the number travels along."""
+
+    def __init__(self, tokenize: Any) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, numbered: tuple[int, list[Any]]) -> tuple[int, tuple[Any, torch.Tensor]]:
+        number, items = numbered
+        batch = collate(items, self.tokenize)
+        return number, (batch, torch.zeros(len(batch), dtype=torch.int64))  # one caption per image
 
 
 class _EpochKeys:
