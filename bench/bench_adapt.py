@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "adapt.json"))
     parser.add_argument("--section", default=str(ROOT / "bench" / "sections" / "adapt.md"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON")
     args = parser.parse_args(argv)
+    if args.render_only:
+        Path(args.section).write_text(render(json.loads(Path(args.out).read_text())))
+        return 0
 
     if args.row is not None:  # the child: one row, result to --row-out
         work = Path(args.work)
@@ -268,7 +272,12 @@ def render(report: dict) -> str:
         if name not in res:
             continue
         r = res[name]
-        lines.append(row(f"{LABELS[name]}, alpha 1", r["finetuned_top1"], r["finetuned_retention"], r))
+        best = f"best val epoch {r['best_epoch']}" + (
+            ": none beat zero-shot, so the initial weights" if r["best_epoch"] == 0 else ""
+        )
+        lines.append(
+            row(f"{LABELS[name]}, alpha 1 ({best})", r["finetuned_top1"], r["finetuned_retention"], r)
+        )
         lines.append(
             row(f"{LABELS[name]} + WiSE-FT (alpha {r['alpha']:g})", r["wise_top1"], r["wise_retention"], r)
         )
