@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "adapt.json"))
     parser.add_argument("--section", default=str(ROOT / "bench" / "sections" / "adapt.md"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON")
     args = parser.parse_args(argv)
+    if args.render_only:
+        Path(args.section).write_text(render(json.loads(Path(args.out).read_text())))
+        return 0
 
     if args.row is not None:  # the child: one row, result to --row-out
         work = Path(args.work)
@@ -213,6 +217,43 @@ def main(argv: list[str] | None = None) -> int:
     section.write_text(render(report))
     print(render(report))
     return 0
+
+
+def _goals(res: dict) -> list[str]:
+    """The issue's goals, each said met, not met or not measured, from the rows."""
+    out = ["Goals:", ""]
+    ce = res.get("ce")
+    adapted = [(f"{n} {w}", res[n][f"{w}_top1"], res[n][f"{w}_retention"] / res[n]["initial_retention"])
+               for n in ("flyp", "lora_image", "lora_both") if n in res and res[n]["initial_retention"] > 0
+               for w in ("finetuned", "wise")]  # fmt: skip
+    keeping = [a for a in adapted if a[2] >= 0.9]
+    if ce is None or not keeping:
+        out.append(
+            "- Best adapted model beats the cross-entropy fine-tune with >= 90% retention: not measured."
+        )
+    else:
+        best = max(keeping, key=lambda a: a[1])
+        verdict = "met" if best[1] > ce["finetuned_top1"] else "not met"
+        out.append(f"- Best adapted model keeping >= 90% retention ({best[0]}: {best[1]:.3f}, kept {best[2]:.0%}) vs "
+                   f"the cross-entropy fine-tune ({ce['finetuned_top1']:.3f}): {verdict}.")  # fmt: skip
+    lora = [
+        (n, res[n]["trainable_params"] / res[n]["total_params"])
+        for n in ("lora_image", "lora_both")
+        if n in res
+    ]
+    if lora:
+        shares = ", ".join(f"{n} {share:.2%}" for n, share in lora)
+        out.append(
+            f"- LoRA trains < 5% of the parameters: {'met' if all(x < 0.05 for _, x in lora) else 'not met'} ({shares})."
+        )
+    else:
+        out.append("- LoRA trains < 5% of the parameters: not measured.")
+    stuck = [n for n in ("ce", "flyp", "lora_image", "lora_both") if n in res and res[n]["best_epoch"] == 0]
+    if stuck:
+        out.append(f"- No fine-tuned epoch beat the zero-shot head on validation for {', '.join(stuck)}, so early "
+                   "stopping kept the initial weights there and those rows equal zero-shot: at this scale (the model, "
+                   "data and epochs above) the comparison between those methods is not informative.")  # fmt: skip
+    return out
 
 
 def render(report: dict) -> str:
@@ -268,12 +309,18 @@ def render(report: dict) -> str:
         if name not in res:
             continue
         r = res[name]
-        lines.append(row(f"{LABELS[name]}, alpha 1", r["finetuned_top1"], r["finetuned_retention"], r))
+        best = f"best val epoch {r['best_epoch']}" + (
+            ": none beat zero-shot, so the initial weights" if r["best_epoch"] == 0 else ""
+        )
+        lines.append(
+            row(f"{LABELS[name]}, alpha 1 ({best})", r["finetuned_top1"], r["finetuned_retention"], r)
+        )
         lines.append(
             row(f"{LABELS[name]} + WiSE-FT (alpha {r['alpha']:g})", r["wise_top1"], r["wise_retention"], r)
         )
     for name, why in report.get("failed", {}).items():
         lines.append(f"| {name} | not run: {why} | | | | | |")
+    lines += ["", *_goals(res)]
     lines += ["", "Wall time and peak memory of a fine-tune row cover its run with and without WiSE-FT together "
               "(one run gives both; its retention is measured three times: initial, fine-tuned, chosen).", "",
               "Beside the papers (their models, data and scale, not ours):", ""]  # fmt: skip

@@ -18,7 +18,7 @@ def _report() -> dict:
                 "alphas": "0,1", "note": "a stand-in"}  # fmt: skip
     lora = {"finetuned_top1": 0.5, "wise_top1": 0.4, "alpha": 0.5, "initial_retention": 0.2,
             "finetuned_retention": 0.1, "wise_retention": 0.18, "trainable_params": 40, "total_params": 1000,
-            "seconds": 3.0, "peak_rss_mb": 2048}  # fmt: skip
+            "seconds": 3.0, "peak_rss_mb": 2048, "best_epoch": 1}  # fmt: skip
     zeroshot = {"top1": 0.1, "retention": 0.2, "trainable_params": 0, "total_params": 1000, "seconds": 1.0,
                 "peak_rss_mb": 1024}  # fmt: skip
     return {"model": "m", "command": "cmd", "machine": machine, "settings": settings,
@@ -30,7 +30,7 @@ def test_rows_show_top1_retention_share_and_trainable_fraction() -> None:
     text = bench_adapt.render(_report())
     assert "| zero-shot (the initial model) | 0.100 | 0.2000 | 100% | 0 (0.00%) | 1 s | 1.0 GB |" in text
     assert (
-        "| FLYP + LoRA r=8 on both towers, alpha 1 | 0.500 | 0.1000 | 50% | 40 (4.00%) | 3 s | 2.0 GB |"
+        "| FLYP + LoRA r=8 on both towers, alpha 1 (best val epoch 1) | 0.500 | 0.1000 | 50% | 40 (4.00%) | 3 s | 2.0 GB |"
         in text
     )
     assert "+ WiSE-FT (alpha 0.5) | 0.400 | 0.1800 | 90% |" in text
