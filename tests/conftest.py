@@ -45,3 +45,25 @@ def tiny_model():
 def rgb_images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (40 + 3 * i, 48, 3), dtype=np.uint8)) for i in range(5)]
+
+
+@pytest.fixture
+def precisions_seen(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every model step of the one encoder, as ``image:fp32`` / ``text:bf16`` ..., in call order: a check that
+    both sides of a comparison ran in one precision."""
+    from clipcraft import encoding
+
+    seen: list[str] = []
+    real_images, real_texts = encoding.encode_pixels, encoding._encode_tokens
+
+    def spy_images(model, pixels, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(f"image:{kwargs['precision']}")
+        return real_images(model, pixels, **kwargs)
+
+    def spy_texts(model, texts, output, precision):  # type: ignore[no-untyped-def]
+        seen.append(f"text:{precision}")
+        return real_texts(model, texts, output, precision)
+
+    monkeypatch.setattr(encoding, "encode_pixels", spy_images)
+    monkeypatch.setattr(encoding, "_encode_tokens", spy_texts)
+    return seen

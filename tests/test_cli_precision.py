@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipcraft import encoding
 from clipcraft.cli import build_parser, main
 
 
@@ -86,20 +85,8 @@ def test_default_commands_are_bit_identical_with_and_without_native_bf16(
     assert plain["retrieval"]["precision"] == plain["zeroshot"]["precision"] == "fp32"
 
 
-def test_bf16_on_request_runs_both_sides_in_bf16_and_is_recorded(setup, tmp_path, capsys, monkeypatch):
-    seen: list[str] = []
-    real_images, real_texts = encoding.encode_pixels, encoding._encode_tokens
-
-    def spy_images(model, pixels, **kwargs):
-        seen.append(f"image:{kwargs['precision']}")
-        return real_images(model, pixels, **kwargs)
-
-    def spy_texts(model, texts, output, precision):
-        seen.append(f"text:{precision}")
-        return real_texts(model, texts, output, precision)
-
-    monkeypatch.setattr(encoding, "encode_pixels", spy_images)
-    monkeypatch.setattr(encoding, "_encode_tokens", spy_texts)
+def test_bf16_on_request_runs_both_sides_in_bf16_and_is_recorded(setup, tmp_path, capsys, precisions_seen):
+    seen = precisions_seen
     bf16 = _run_all(setup, tmp_path / "bf16", capsys, ["--precision", "bf16"])
     assert set(seen) == {"image:bf16", "text:bf16"}  # images, captions, prompts and queries alike
     assert bf16["manifest_precision"] == "bf16"

@@ -214,24 +214,18 @@ def test_unknown_metric_and_task_names() -> None:
 
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_one_precision_for_images_and_texts_fp32_by_default_on_any_cpu(
-    tiny_model, tmp_path: Path, templates_file: Path, captions_csv: Path, monkeypatch, native_bf16: bool
+    tiny_model,
+    tmp_path: Path,
+    templates_file: Path,
+    captions_csv: Path,
+    monkeypatch,
+    native_bf16: bool,
+    precisions_seen: list[str],
 ) -> None:
     """The hardware probe patched both ways: the default is fp32 everywhere; ``auto`` follows the hardware,
     and images and prompts/captions of one evaluation always run in the same precision."""
     monkeypatch.setattr("clipcraft.precision.cpu_has_native_bf16", lambda: native_bf16)
-    seen: list[str] = []
-    real_images, real_texts = encoding.encode_pixels, encoding._encode_tokens
-
-    def spy_images(model, pixels, **kwargs):
-        seen.append(f"image:{kwargs['precision']}")
-        return real_images(model, pixels, **kwargs)
-
-    def spy_texts(model, texts, output, precision):
-        seen.append(f"text:{precision}")
-        return real_texts(model, texts, output, precision)
-
-    monkeypatch.setattr(encoding, "encode_pixels", spy_images)
-    monkeypatch.setattr(encoding, "_encode_tokens", spy_texts)
+    seen = precisions_seen
     root = _class_folder(tmp_path / "cls", 2)
     default = evaluate_retrieval(tiny_model, captions_csv)
     assert default["precision"] == "fp32" and set(seen) == {"image:fp32", "text:fp32"}
