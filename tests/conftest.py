@@ -67,3 +67,18 @@ def precisions_seen(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(encoding, "encode_pixels", spy_images)
     monkeypatch.setattr(encoding, "_encode_tokens", spy_texts)
     return seen
+
+
+# Three solid colours: class folders a tiny model separates by mean colour (fine-tuning and adaptation tests).
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def write_colour_split(root: Path, per_class: int, seed: int, colours: dict | None = None) -> Path:
+    """root/<colour>/<i>.png: noisy solid-colour 16x16 images, linearly separable by mean colour."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in (COLOURS if colours is None else colours).items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

@@ -14,27 +14,16 @@ from PIL import Image
 import clipcraft
 from clipcraft.errors import ClipcraftError
 from clipcraft.finetune import FinetuneConfig, finetune, load_classifier
+from conftest import write_colour_split
 
 pytest.importorskip("peft")
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def _write_split(root: Path, per_class: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    for name, rgb in COLOURS.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("colours")
     for split, count, seed in (("train", 6, 0), ("val", 3, 1), ("test", 3, 2)):
-        _write_split(root / split, count, seed)
+        write_colour_split(root / split, count, seed)
     return root
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from clipcraft.cli import build_parser, main
 from clipcraft.errors import CheckpointError, ClipcraftError
@@ -32,26 +31,14 @@ from clipcraft.finetune.config import check_alphas
 from clipcraft.finetune.loop import BEST_WEIGHTS
 from clipcraft.finetune.wise import best_alpha, sweep_alphas
 from clipcraft.model import create_model, load
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def _write_split(root: Path, per_class: int, seed: int, colours: dict = COLOURS) -> Path:
-    """root/<colour>/<i>.png: noisy solid-colour 16x16 images, linearly separable by mean colour."""
-    rng = np.random.default_rng(seed)
-    for name, rgb in colours.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+from conftest import COLOURS, write_colour_split
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("colours")
     for split, count, seed in (("train", 8, 0), ("val", 4, 1), ("test", 4, 2)):
-        _write_split(root / split, count, seed)
+        write_colour_split(root / split, count, seed)
     return root
 
 
@@ -390,7 +377,7 @@ def _fails_before_work(argv: list[str], out: Path, capsys, *needles: str) -> Non
 
 
 def test_one_class_only_is_an_error(model_dir, tmp_path, capsys) -> None:
-    train = _write_split(tmp_path / "train", 4, 0, {"red": COLOURS["red"]})
+    train = write_colour_split(tmp_path / "train", 4, 0, {"red": COLOURS["red"]})
     out = tmp_path / "out"
     argv = ["finetune", "--model", str(model_dir), "--train", str(train), "--output-dir", str(out)]
     _fails_before_work(argv, out, capsys, "one class", "'red'", "at least two")
@@ -399,7 +386,7 @@ def test_one_class_only_is_an_error(model_dir, tmp_path, capsys) -> None:
 def test_class_folders_differing_between_train_and_test_is_an_error(
     model_dir, colours, tmp_path, capsys
 ) -> None:
-    test = _write_split(tmp_path / "test", 2, 3, {"red": COLOURS["red"], "purple": (150, 0, 150)})
+    test = write_colour_split(tmp_path / "test", 2, 3, {"red": COLOURS["red"], "purple": (150, 0, 150)})
     out = tmp_path / "out"
     argv = ["finetune", "--model", str(model_dir), "--train", str(colours / "train"), "--test", str(test)]
     _fails_before_work(
@@ -427,7 +414,7 @@ def test_alpha_outside_0_1_is_an_error(model_dir, colours, tmp_path, capsys, alp
 
 
 def test_empty_class_folder_is_an_error(model_dir, colours, tmp_path, capsys) -> None:
-    train = _write_split(tmp_path / "train", 3, 0)
+    train = write_colour_split(tmp_path / "train", 3, 0)
     (train / "yellow").mkdir()
     out = tmp_path / "out"
     argv = ["finetune", "--model", str(model_dir), "--train", str(train), "--output-dir", str(out)]
@@ -446,7 +433,7 @@ def test_other_bad_setups_are_errors(model_dir, colours, trained, tmp_path, caps
     assert main([*base, "--output-dir", str(trained.output_dir)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (trained.output_dir / "metrics.jsonl").read_text() == before  # the earlier run is untouched
-    tiny = _write_split(tmp_path / "tiny", 1, 0)  # one image a class: nothing to carve for validation
+    tiny = write_colour_split(tmp_path / "tiny", 1, 0)  # one image a class: nothing to carve for validation
     _fails_before_work(
         ["finetune", "--model", str(model_dir), "--train", str(tiny), "--output-dir", str(out)],
         out,
