@@ -67,8 +67,8 @@ class TextTowerConfig:
     name: str = "sentence-transformers/all-mpnet-base-v2"  # hub id or local directory
     hf_config: dict[str, Any] | None = None  # architecture, to build without files; None: read from source
     tokenizer: str | None = None  # tokenizer source: None = same as name; "bytes" = built-in byte tokenizer
-    pooling: str | None = None  # mean | cls | max (kind hf; None: from a sentence-transformers dir, else
-    # mean); eos (hf_clip) | last (hf_siglip): set by the tower kind
+    pooling: str | None = None  # mean | cls | max | pooler (the model's pooling layer) (kind hf; None: from a
+    # sentence-transformers dir, else mean); eos (hf_clip) | last (hf_siglip): set by the tower kind
     padding: str = "longest"  # longest | max_length (SigLIP was trained on captions padded to max_length)
     max_length: int | None = None  # tokens per caption (longer ones are truncated); None: from source
     normalize_features: bool | None = None  # L2-normalise pooled features (sentence-transformers Normalize)
