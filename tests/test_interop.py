@@ -349,6 +349,16 @@ def test_export_hf_refuses_timm_and_mlp(tiny_model, tmp_path: Path) -> None:
     assert not (tmp_path / "y").exists()
 
 
+def test_export_hf_refuses_a_text_head_unlike_the_image_head(hf_clip_dir: Path) -> None:
+    from clipcraft.interop.hf import export_kind
+
+    clip = clipcraft.load(hf_clip_dir)
+    assert export_kind(clip) == "clip"
+    clip.config.head.text_kind = "plain_mlp"  # as an open_clip HF text tower's projection
+    with pytest.raises(ClipcraftError, match="linear and plain_mlp heads"):
+        export_kind(clip)
+
+
 def test_model_card_describes_the_run(tiny_model, tmp_path: Path) -> None:
     import yaml
 

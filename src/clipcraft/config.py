@@ -85,8 +85,14 @@ class HeadConfig:
     """Projection heads from each tower's features into the shared embedding space."""
 
     kind: str = "mlp"  # linear (as CLIP) | mlp (Linear -> GELU -> Linear, dropout, residual, LayerNorm) |
+    # plain_mlp (bias-free Linear -> GELU -> Linear, as open_clip projects a transformers text tower) |
     # none (identity: the tower's features are the embeddings, as SigLIP; needs features of embed_dim)
     dropout: float = 0.1  # mlp only
+    text_kind: str | None = None  # the text head's kind where it differs from the image head's (None: kind)
+
+    def kind_of(self, tower: str) -> str:
+        """The head kind of ``tower`` ("image" or "text")."""
+        return (self.text_kind or self.kind) if tower == "text" else self.kind
 
 
 @dataclass
