@@ -7,6 +7,7 @@ clipcraft's public entry points and compared with the source library's own featu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +160,6 @@ def test_hf_hub_id_offline_is_a_clear_error() -> None:
 
 
 def test_hf_missing_weights_are_refused(hf_clip_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(hf_clip_dir, broken)
     (broken / "model.safetensors").unlink()
@@ -189,12 +188,13 @@ def _open_clip_model(tmp_path: Path, vision_cfg: dict, quick_gelu: bool = False)
     return open_clip, model, arch, ckpt
 
 
-def _check_open_clip(open_clip, ref, model, size: int) -> None:
+def _check_open_clip(open_clip, ref, model, size: int, ids: torch.Tensor | None = None) -> None:
+    """``model`` against open_clip model ``ref``; ``ids``: open_clip's tokens (default: its CLIP BPE)."""
     pixels = _pixels(size, 2)
-    ids = open_clip.tokenize(CAPTIONS, context_length=16)
+    ids = open_clip.tokenize(CAPTIONS, context_length=16) if ids is None else ids
     tokens = model.tokenize(CAPTIONS)
     n = tokens["input_ids"].shape[1]
-    assert torch.equal(tokens["input_ids"], ids[:, :n])  # the converted BPE tokenizer gives open_clip's ids
+    assert torch.equal(tokens["input_ids"], ids[:, :n])  # the same ids as open_clip's tokenizer, unpadded
     with torch.no_grad():
         ref_img, ref_txt = ref.encode_image(pixels, normalize=True), ref.encode_text(ids, normalize=True)
         out = model(images=pixels, texts=tokens)
@@ -238,12 +238,115 @@ def test_open_clip_names_and_refusals(tmp_path: Path) -> None:
     assert config.image.hf_config["num_attention_heads"] == 12 and config.text.max_length == 77
     with pytest.raises(PretrainedWeightsError, match="checkpoint="):
         clipcraft.create_model("open_clip:ViT-B-32")
-    with pytest.raises(ClipcraftError, match="transformers text tower"):
-        model_config(architecture("roberta-ViT-B-32"), "roberta-ViT-B-32", None)
     with pytest.raises(ClipcraftError, match="attentional_pool"):
         cfg = architecture("ViT-B-32")
         cfg["vision_cfg"]["attentional_pool"] = True
         model_config(cfg, "x", None)
+
+
+# open_clip's HFTextEncoder: a transformers model, a pooler and a projection. The checkpoint holds the weights;
+# the architecture (config.json) and tokenizer come from the directory named in hf_model_name.
+OPEN_CLIP_VIT = dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16)
+
+
+def _hf_text_dir(root: Path, model_type: str) -> Path:
+    """A directory with a tiny transformers text model's config and a byte tokenizer (padding id 0): all that
+    open_clip reads from hf_model_name when it builds the tower without pretrained weights."""
+    from transformers import AutoConfig
+
+    out = root / model_type
+    if model_type == "mt5":  # an encoder-decoder: open_clip keeps its encoder
+        sizes = dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2)
+    else:
+        sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     max_position_embeddings=40)  # fmt: skip
+    config = AutoConfig.for_model(model_type, vocab_size=261, pad_token_id=0, **sizes)
+    config.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def _open_clip_hf_text_model(tmp_path: Path, text_dir: Path, pooler: str, proj: str):
+    open_clip = pytest.importorskip("open_clip")
+    text = dict(hf_model_name=str(text_dir), hf_tokenizer_name=str(text_dir), hf_model_pretrained=False,
+                hf_pooler_type=pooler, hf_proj_type=proj, context_length=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = open_clip.CustomTextCLIP(embed_dim=16, vision_cfg=OPEN_CLIP_VIT, text_cfg=text).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.3)
+    arch = tmp_path / "tiny_hf_text.json"
+    arch.write_text(json.dumps({"embed_dim": 16, "vision_cfg": OPEN_CLIP_VIT, "text_cfg": text}))
+    ckpt = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), ckpt)
+    # what open_clip.get_tokenizer builds for this text_cfg
+    ids = open_clip.tokenizer.HFTokenizer(str(text_dir), context_length=16)(CAPTIONS)
+    return open_clip, model, arch, ckpt, ids
+
+
+@pytest.mark.parametrize(
+    ("model_type", "pooler", "proj", "pooling", "head"),
+    [
+        ("roberta", "mean_pooler", "mlp", "mean", "plain_mlp"),  # as open_clip's (xlm-)roberta configs
+        ("bert", "cls_pooler", "linear", "pooler", "linear"),  # the model's pooling layer over [CLS]
+        ("bert", "cls_last_hidden_state_pooler", "mlp", "cls", "plain_mlp"),
+    ],
+)
+def test_open_clip_hf_text_tower_parity(
+    tmp_path: Path, model_type: str, pooler: str, proj: str, pooling: str, head: str
+) -> None:
+    text_dir = _hf_text_dir(tmp_path, model_type)
+    open_clip, ref, arch, ckpt, ids = _open_clip_hf_text_model(tmp_path, text_dir, pooler, proj)
+    model = clipcraft.create_model(f"open_clip:{arch}", checkpoint=str(ckpt))
+    assert model.config.text.kind == "hf" and model.config.text.pooling == pooling
+    assert model.config.head.kind_of("text") == head and model.config.head.kind_of("image") == "linear"
+    assert model.config.text.max_length == 16
+    _check_open_clip(open_clip, ref, model, 32, ids)
+    from clipcraft.interop.hf import export_kind
+
+    with pytest.raises(ClipcraftError, match="cannot be exported"):  # clipcraft's pooling has no HF class
+        export_kind(model)
+    model.save(tmp_path / "saved")  # reloads from its own files: config, weights and tokenizer
+    shutil.rmtree(text_dir)
+    again = clipcraft.load(tmp_path / "saved")
+    _check_open_clip(open_clip, ref, again, 32, ids)
+
+
+def test_open_clip_hf_text_tower_refusals(tmp_path: Path) -> None:
+    pytest.importorskip("open_clip")
+    from clipcraft.interop.open_clip import architecture, check_hf_padding, model_config
+
+    bert = str(_hf_text_dir(tmp_path, "bert"))
+
+    def config_with(**text: object) -> dict:
+        cfg = {"embed_dim": 16, "vision_cfg": OPEN_CLIP_VIT}
+        cfg["text_cfg"] = {"hf_model_name": bert, "hf_tokenizer_name": bert, **text}
+        return cfg
+
+    config, _ = model_config(config_with(), "x", None)  # open_clip's defaults: mean pooler, mlp projection
+    assert (config.text.pooling, config.head.kind_of("text")) == ("mean", "plain_mlp")
+    config, _ = model_config(config_with(hf_pooler_type=None), "x", None)  # the architecture's default
+    assert config.text.pooling == "pooler"  # open_clip's default for bert: cls_pooler
+    # a hub id that cannot be read offline: the checkpoint alone does not define the tower
+    cfg = architecture("roberta-ViT-B-32")
+    cfg["text_cfg"]["hf_model_name"] = "clipcraft-tests/no-such-text-model"
+    with pytest.raises(PretrainedWeightsError, match="not its architecture"):
+        model_config(cfg, "roberta-ViT-B-32", None)
+    with pytest.raises(ClipcraftError, match="max_pooler"):
+        model_config(config_with(hf_pooler_type="max_pooler"), "x", None)
+    with pytest.raises(ClipcraftError, match="hf_pooler_type='attn_pooler'"):
+        model_config(config_with(hf_pooler_type="attn_pooler"), "x", None)
+    with pytest.raises(ClipcraftError, match="hf_proj_type=None"):  # widths differ: open_clip has no proj
+        model_config(config_with(hf_proj_type=None), "x", None)
+    with pytest.raises(ClipcraftError, match="hf_tokenizer_name"):
+        model_config(config_with(hf_tokenizer_name=None), "x", None)
+    with pytest.raises(ClipcraftError, match="tokenizer_mode"):
+        model_config(config_with(tokenizer_mode="clips"), "x", None)
+    with pytest.raises(ClipcraftError, match="encoder-decoder"):
+        model_config(config_with(hf_model_name=str(_hf_text_dir(tmp_path, "mt5"))), "x", None)
+    config, _ = model_config(config_with(), "x", None)
+    config.text.hf_config["pad_token_id"] = 1  # open_clip would attend to the tokenizer's padding
+    with pytest.raises(ClipcraftError, match="pads with id 0"):
+        check_hf_padding(byte_tokenizer(), config.text)
 
 
 # -- timm CLIP image tower ---------------------------------------------------------------------------------
@@ -347,6 +450,16 @@ def test_export_hf_refuses_timm_and_mlp(tiny_model, tmp_path: Path) -> None:
     tiny_model.save(tmp_path / "tiny")
     assert main(["export", "hf", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "y").exists()
+
+
+def test_export_hf_refuses_a_text_head_unlike_the_image_head(hf_clip_dir: Path) -> None:
+    from clipcraft.interop.hf import export_kind
+
+    clip = clipcraft.load(hf_clip_dir)
+    assert export_kind(clip) == "clip"
+    clip.config.head.text_kind = "plain_mlp"  # as an open_clip HF text tower's projection
+    with pytest.raises(ClipcraftError, match="linear and plain_mlp heads"):
+        export_kind(clip)
 
 
 def test_model_card_describes_the_run(tiny_model, tmp_path: Path) -> None:

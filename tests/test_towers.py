@@ -106,6 +106,23 @@ def test_pooling_modes_on_a_hand_made_batch():
         pool(hidden, mask, "weighted")
 
 
+def test_pooler_pooling_is_the_models_pooling_layer():
+    tiny = dict(
+        vocab_size=261, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    settings = dict(name="tiny-bert", tokenizer="bytes", pooling="pooler", max_length=16)
+    tower = TextTower(TextTowerConfig(hf_config={"model_type": "bert", **tiny}, **settings)).eval()
+    tokens = tower.tokenize(["a cat", "a big dog on the beach"])
+    with torch.no_grad():
+        hidden = tower.model(**tokens).last_hidden_state  # (B, L, H)
+        expected = torch.tanh(tower.model.pooler.dense(hidden[:, 0]))  # BERT's pooler over [CLS]
+        torch.testing.assert_close(tower(tokens["input_ids"], tokens["attention_mask"]), expected)
+    distil = dict(model_type="distilbert", vocab_size=261, dim=16, hidden_dim=32, n_layers=1, n_heads=2)
+    with pytest.raises(ClipcraftError, match="no pooling layer"):
+        TextTower(TextTowerConfig(hf_config=distil, **settings))
+
+
 def _st_dir(tmp_path, pooling: str, extra_module: str | None = None):
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -67,8 +67,8 @@ class TextTowerConfig:
     name: str = "sentence-transformers/all-mpnet-base-v2"  # hub id or local directory
     hf_config: dict[str, Any] | None = None  # architecture, to build without files; None: read from source
     tokenizer: str | None = None  # tokenizer source: None = same as name; "bytes" = built-in byte tokenizer
-    pooling: str | None = None  # mean | cls | max (kind hf; None: from a sentence-transformers dir, else
-    # mean); eos (hf_clip) | last (hf_siglip): set by the tower kind
+    pooling: str | None = None  # mean | cls | max | pooler (the model's pooling layer) (kind hf; None: from a
+    # sentence-transformers dir, else mean); eos (hf_clip) | last (hf_siglip): set by the tower kind
     padding: str = "longest"  # longest | max_length (SigLIP was trained on captions padded to max_length)
     max_length: int | None = None  # tokens per caption (longer ones are truncated); None: from source
     normalize_features: bool | None = None  # L2-normalise pooled features (sentence-transformers Normalize)
@@ -85,8 +85,14 @@ class HeadConfig:
     """Projection heads from each tower's features into the shared embedding space."""
 
     kind: str = "mlp"  # linear (as CLIP) | mlp (Linear -> GELU -> Linear, dropout, residual, LayerNorm) |
+    # plain_mlp (bias-free Linear -> GELU -> Linear, as open_clip projects a transformers text tower) |
     # none (identity: the tower's features are the embeddings, as SigLIP; needs features of embed_dim)
     dropout: float = 0.1  # mlp only
+    text_kind: str | None = None  # the text head's kind where it differs from the image head's (None: kind)
+
+    def kind_of(self, tower: str) -> str:
+        """The head kind of ``tower`` ("image" or "text")."""
+        return (self.text_kind or self.kind) if tower == "text" else self.kind
 
 
 @dataclass

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from clipcraft.config import HeadConfig
 from clipcraft.errors import ClipcraftError, unknown_name
 
-HEAD_KINDS = ("linear", "mlp", "none")
+HEAD_KINDS = ("linear", "mlp", "plain_mlp", "none")
 
 
 class LinearHead(nn.Module):
@@ -39,6 +39,21 @@ class MLPHead(nn.Module):
         return self.norm(x + projected)
 
 
+class PlainMLPHead(nn.Module):
+    """Linear -> GELU -> Linear, both without bias, through a hidden width halfway between the two ends:
+    open_clip's ``mlp`` projection after a transformers text tower. No dropout, residual or norm."""
+
+    def __init__(self, in_features: int, embed_dim: int) -> None:
+        super().__init__()
+        hidden = (in_features + embed_dim) // 2
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, embed_dim, bias=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(features)))  # (B, D)
+
+
 class IdentityHead(nn.Module):
     """No projection: the tower's features are already in the shared space (SigLIP's towers end in their own
     heads). No parameters."""
@@ -47,18 +62,21 @@ class IdentityHead(nn.Module):
         return features  # (B, D)
 
 
-def build_head(config: HeadConfig, in_features: int, embed_dim: int) -> nn.Module:
-    """The head named by ``config.kind``; unknown kinds raise with the list of known ones. ``none`` needs
-    ``in_features == embed_dim``."""
-    if config.kind == "none":
+def build_head(config: HeadConfig, in_features: int, embed_dim: int, tower: str = "image") -> nn.Module:
+    """``tower``'s head (``config.kind_of(tower)``: ``"image"`` or ``"text"``); unknown kinds raise with the
+    list of known ones. ``none`` needs ``in_features == embed_dim``."""
+    kind = config.kind_of(tower)
+    if kind == "none":
         if in_features != embed_dim:
             raise ClipcraftError(
                 f"Head kind 'none' passes features through, so the tower's {in_features} features must equal "
                 f"embed_dim={embed_dim}; use a linear or mlp head."
             )
         return IdentityHead()
-    if config.kind == "linear":
+    if kind == "linear":
         return LinearHead(in_features, embed_dim)
-    if config.kind == "mlp":
+    if kind == "mlp":
         return MLPHead(in_features, embed_dim, config.dropout)
-    raise unknown_name("head kind", config.kind, list(HEAD_KINDS))
+    if kind == "plain_mlp":
+        return PlainMLPHead(in_features, embed_dim)
+    raise unknown_name("head kind", kind, list(HEAD_KINDS))

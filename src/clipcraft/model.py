@@ -72,8 +72,8 @@ class ClipModel(nn.Module):
         config = copy.deepcopy(config)
         self.image_tower = ImageTower(config.image, pretrained=image_pretrained)
         self.text_tower = TextTower(config.text, pretrained=text_pretrained)
-        self.image_head = build_head(config.head, self.image_tower.num_features, config.embed_dim)
-        self.text_head = build_head(config.head, self.text_tower.num_features, config.embed_dim)
+        self.image_head = build_head(config.head, self.image_tower.num_features, config.embed_dim, "image")
+        self.text_head = build_head(config.head, self.text_tower.num_features, config.embed_dim, "text")
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))  # log of the multiplier
         self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         self.config = config

@@ -29,7 +29,8 @@ from clipcraft.precision import cpu_has_native_bf16
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
-POOLING_MODES = ("mean", "cls", "max")
+# pooler: the transformers model's own pooling layer (BERT/RoBERTa: dense + tanh over the first token)
+POOLING_MODES = ("mean", "cls", "max", "pooler")
 TEXT_TOWER_KINDS = ("hf", "hf_clip", "hf_siglip")
 PADDING_MODES = ("longest", "max_length")
 
@@ -593,7 +594,8 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def _build_hf_model(hf_config: dict[str, Any]) -> nn.Module:
+def _build_hf_model(hf_config: dict[str, Any], pooling_layer: bool = False) -> nn.Module:
+    """A randomly initialised transformers AutoModel; with its pooling layer only when ``pooling_layer``."""
     from transformers import AutoConfig, AutoModel
 
     cfg = dict(hf_config)
@@ -603,7 +605,7 @@ def _build_hf_model(hf_config: dict[str, Any]) -> nn.Module:
     config = AutoConfig.for_model(model_type, **cfg)
     with _quiet_transformers():
         try:
-            return AutoModel.from_config(config, add_pooling_layer=False)
+            return AutoModel.from_config(config, add_pooling_layer=pooling_layer)
         except TypeError:  # architectures without a pooler
             return AutoModel.from_config(config)
 
@@ -624,7 +626,8 @@ _TEXT_BLOCK = re.compile(r"^model\.(?:.*\.)?(?:layer|layers|block|h)\.(\d+)\.")
 class TextTower(_Lockable):
     """A transformers encoder with pooling: token ids (B, L) + mask (B, L) -> features (B, hidden_size).
 
-    Pooling is masked mean (default), CLS or masked max; a sentence-transformers directory's pooling,
+    Pooling is masked mean (default), CLS, masked max, or the model's own pooling layer (``pooler``: built
+    only then; BERT's dense + tanh over the first token); a sentence-transformers directory's pooling,
     ``max_seq_length`` and Normalize module are honoured. The tokenizer comes from the same source and is
     loaded on first use, so building a tower needs no tokenizer files.
     """
@@ -643,14 +646,15 @@ class TextTower(_Lockable):
         needs_source = pretrained or config.hf_config is None or any(v is None for v in settings)
         source = resolve_text_source(config.name) if needs_source else config.name
         st = read_sentence_transformers_dir(source) if Path(source).is_dir() else {}
+        pooler = config.pooling == "pooler"  # only asked for explicitly: no sentence-transformers dir says it
         if pretrained:
-            self.model = self._from_pretrained(source, config.name)
+            self.model = self._from_pretrained(source, config.name, pooler)
         elif config.hf_config is not None:
-            self.model = _build_hf_model(config.hf_config)
+            self.model = _build_hf_model(config.hf_config, pooler)
         elif Path(source).is_dir():
             from transformers import AutoConfig
 
-            self.model = _build_hf_model(AutoConfig.from_pretrained(source).to_dict())
+            self.model = _build_hf_model(AutoConfig.from_pretrained(source).to_dict(), pooler)
         else:
             from clipcraft.presets import KNOWN_TEXT_TOWERS
 
@@ -663,6 +667,11 @@ class TextTower(_Lockable):
         config.pooling = config.pooling or st.get("pooling", "mean")
         if config.pooling not in POOLING_MODES:
             raise unknown_name("pooling mode", str(config.pooling), list(POOLING_MODES))
+        if pooler and getattr(self.model, "pooler", None) is None:
+            raise ClipcraftError(
+                f"Text tower {config.name!r} ({config.hf_config.get('model_type')}) has no pooling layer, so "
+                "pooling='pooler' cannot be used; choose mean, cls or max."
+            )
         if config.normalize_features is None:
             config.normalize_features = bool(st.get("normalize_features", False))
         if config.lowercase is None:
@@ -702,14 +711,14 @@ class TextTower(_Lockable):
             self._apply_lock(blocks, config.unlocked_groups)
 
     @staticmethod
-    def _from_pretrained(source: str, name: str) -> nn.Module:
+    def _from_pretrained(source: str, name: str, pooler: bool = False) -> nn.Module:
         from transformers import AutoModel
 
         with _quiet_transformers():
             try:
                 try:
                     model, info = AutoModel.from_pretrained(
-                        source, add_pooling_layer=False, output_loading_info=True
+                        source, add_pooling_layer=pooler, output_loading_info=True
                     )
                 except TypeError:
                     model, info = AutoModel.from_pretrained(source, output_loading_info=True)
@@ -720,7 +729,9 @@ class TextTower(_Lockable):
                     "or transformers folder) and pass the local directory as the text tower name (config: "
                     "text.name), or ask for random weights with pretrained=False."
                 ) from exc
-        missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+        missing = info.get("missing_keys", [])
+        if not pooler:  # a checkpoint's pooling layer is not part of a tower that pools by itself
+            missing = [k for k in missing if not k.startswith("pooler.")]
         if missing:
             raise PretrainedWeightsError(
                 f"Text tower {name!r} from {source}: weights missing for {len(missing)} parameter(s), e.g. "
@@ -769,10 +780,11 @@ class TextTower(_Lockable):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
             if self.config.kind == "hf_siglip":  # (B, P): trained attending to padding, so no mask
                 return self.model(input_ids=input_ids).pooler_output
-            hidden = self.model(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state  # (B, L, H)
-            features = pool(hidden, attention_mask, self.config.pooling or "mean")
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            if self.config.pooling == "pooler":
+                features = out.pooler_output  # (B, H)
+            else:
+                features = pool(out.last_hidden_state, attention_mask, self.config.pooling or "mean")
             if self.config.normalize_features:
                 features = nn.functional.normalize(features, dim=-1)
             return features

@@ -5,7 +5,8 @@ One module per foreign format, each with its parity test against the foreign lib
 - :mod:`clipcraft.interop.hf`: transformers ``CLIPModel`` / ``SiglipModel`` directories or hub ids in;
   ``CLIPModel`` / ``SiglipModel`` / ``VisionTextDualEncoderModel`` directories out.
 - :mod:`clipcraft.interop.open_clip`: open_clip checkpoints (``open_clip:ViT-B-32`` plus a checkpoint file),
-  mapped onto transformers CLIP modules (open_clip's own ViT) or timm (open_clip's timm towers).
+  mapped onto transformers CLIP modules (open_clip's own ViT and text transformer), timm (its timm towers)
+  and clipcraft's transformers text tower (its HF text towers).
 - :mod:`clipcraft.interop.card`: the Hugging Face model card ``model.save`` writes.
 
 :func:`import_model` is what :func:`clipcraft.create_model`, :func:`clipcraft.load` and ``--model`` call for a

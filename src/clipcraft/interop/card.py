@@ -118,7 +118,7 @@ def render_card(
         "## Towers",
         f"- Image tower: {cfg.image.kind} `{cfg.image.name}` -> {cfg.head.kind} head -> {cfg.embed_dim}-d embeddings.",
         f"- Text tower: {cfg.text.kind} `{cfg.text.name}`, pooling `{cfg.text.pooling}`, at most "
-        f"{cfg.text.max_length} tokens, padding `{cfg.text.padding}` -> {cfg.head.kind} head.",
+        f"{cfg.text.max_length} tokens, padding `{cfg.text.padding}` -> {cfg.head.kind_of('text')} head.",
         f"- Logit scale (exp): {logit_scale:.4g}; logit bias: {logit_bias:.4g}.",
         "",
         "## Preprocessing",

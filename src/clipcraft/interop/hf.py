@@ -241,8 +241,12 @@ def export_kind(model: Any) -> str:
             f"its text tower is a {cfg.text.kind} model pooled by clipcraft ({cfg.text.pooling}), which "
             "transformers' dual encoders do not reproduce"
         )
-    if cfg.head.kind not in ("linear", "none"):
-        why.append(f"its heads are {cfg.head.kind} heads; transformers dual encoders project linearly")
+    kinds = sorted({cfg.head.kind_of("image"), cfg.head.kind_of("text")})
+    if set(kinds) - {"linear", "none"} or len(kinds) > 1:
+        why.append(
+            f"its heads are {' and '.join(kinds)} heads; transformers dual encoders project both towers "
+            "linearly"
+        )
     if why:
         raise ClipcraftError(
             "This model cannot be exported as a transformers model: "

@@ -10,13 +10,30 @@ The state dict is mapped onto modules clipcraft already runs, so the imported mo
 - open_clip's own text transformer -> a transformers ``CLIPTextModel`` (causal attention, pooled at the
   end-of-text token, which in CLIP's vocabulary is the highest id: open_clip's ``argmax``), then
   ``text_projection`` as a bias-free linear head;
+- a transformers text tower (``text_cfg.hf_model_name``, open_clip's ``HFTextEncoder``) -> clipcraft's ``hf``
+  text tower, the same AutoModel with its weights from ``text.transformer.*``: ``mean_pooler`` -> mean
+  pooling, ``cls_last_hidden_state_pooler`` -> ``cls``, ``cls_pooler`` -> ``pooler`` (the model's own pooling
+  layer, which open_clip builds exactly then); ``hf_proj_type`` ``linear`` -> a bias-free linear text head,
+  ``mlp`` -> a ``plain_mlp`` text head (bias-free Linear -> GELU -> Linear), null (widths equal) -> none.
+  The tokenizer is the model's own (``hf_tokenizer_name``, as open_clip's ``HFTokenizer``), truncated at
+  ``context_length``; padding is masked, as open_clip masks the config's ``pad_token_id``;
 - the CLIP BPE tokenizer: open_clip's ``bpe_simple_vocab_16e6.txt.gz`` written as a transformers
   ``CLIPTokenizerFast`` (vocabulary built exactly as open_clip's ``SimpleTokenizer`` builds it).
 
+An open_clip checkpoint holds a transformers text tower's weights but not its architecture: its config.json
+comes from ``hf_model_name``, a local directory (write it into a copy of the architecture JSON) or a hub id
+transformers can read; neither raises :class:`~clipcraft.errors.PretrainedWeightsError` saying so, never
+random weights. Captions are cleaned as clipcraft cleans them (stripped), not with open_clip's ftfy pass:
+the ids agree for plain captions.
+
 Reading the architecture table and the tokenizer's vocabulary file needs ``open_clip_torch`` installed at
 import time (``pip install open_clip_torch``); the imported (and saved) model does not. Configurations whose
-modules have no counterpart here (attentional pooling, layer scale, HF-text-tower configs, CoCa, non-``argmax``
-text pooling, ...) are refused with the reason rather than imported approximately.
+modules have no counterpart here are refused with the reason rather than imported approximately: attentional
+pooling, layer scale, CoCa, non-``argmax`` pooling of open_clip's own text transformer; for transformers text
+towers, encoder-decoder models (mT5, NLLB: open_clip runs their encoder half), ``max_pooler`` (broken in
+open_clip: it masks the caption instead of the padding), a tokenizer whose padding id is not the config's
+``pad_token_id``, ``tokenizer_mode``/``tokenizer_kwargs`` and configs without ``hf_tokenizer_name`` (open_clip
+then uses its CLIP BPE tokenizer).
 """
 
 from __future__ import annotations
@@ -120,11 +137,6 @@ def _vision_hf_config(v: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
 
 
 def _text_hf_config(t: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
-    if "hf_model_name" in t:
-        raise ClipcraftError(
-            f"open_clip configs with a transformers text tower ({t['hf_model_name']}) are not imported yet: "
-            "their pooler and projection variants have no mapping here."
-        )
     for key, allowed in (("ls_init_value", None), ("pool_type", ("argmax",)), ("proj_bias", False),
                          ("no_causal_mask", False), ("embed_cls", False), ("output_tokens", False),
                          ("act_kwargs", None), ("norm_kwargs", None), ("proj_type", ("linear",))):  # fmt: skip
@@ -147,6 +159,129 @@ def _text_hf_config(t: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
         "bos_token_id": 49406,
         "pad_token_id": 1,
     }
+
+
+# open_clip's poolers after a transformers text tower -> clipcraft's text tower pooling. open_clip builds the
+# model's own pooling layer exactly when it asks for cls_pooler, and then returns that layer's output.
+HF_POOLERS = {
+    "mean_pooler": "mean",  # masked mean over the caption's tokens
+    "cls_last_hidden_state_pooler": "cls",  # the first token's last hidden state
+    "cls_pooler": "pooler",  # the model's pooling layer over the first token (BERT, RoBERTa: dense + tanh)
+}
+# open_clip's projections after a transformers text tower -> clipcraft's text head kind
+HF_PROJECTIONS = {
+    "linear": "linear",  # bias-free linear
+    "mlp": "plain_mlp",  # bias-free Linear -> GELU -> Linear through (width + embed_dim) // 2
+}
+
+
+def hf_text_config(name: str) -> dict[str, Any]:
+    """The transformers config of open_clip's ``text_cfg.hf_model_name``: a local directory, or a hub id
+    transformers can read (from its cache when offline). Raises
+    :class:`~clipcraft.errors.PretrainedWeightsError` when neither works: the checkpoint holds the tower's
+    weights but not its architecture."""
+    from transformers import AutoConfig
+
+    from clipcraft.towers import _quiet_transformers, resolve_text_source
+
+    try:
+        with _quiet_transformers():
+            return dict(AutoConfig.from_pretrained(resolve_text_source(name)).to_dict())
+    except (OSError, ValueError) as exc:
+        raise PretrainedWeightsError(
+            f"open_clip text_cfg.hf_model_name={name!r}: an open_clip checkpoint holds this transformers text "
+            "tower's weights but not its architecture (layer sizes, vocabulary, positions: the model's "
+            f"config.json), and that could not be read: {exc}\nDownload the model's config.json and tokenizer "
+            "files into a directory, name it as hf_model_name and hf_tokenizer_name in a copy of the "
+            "architecture JSON, and import open_clip:/path/arch.json,checkpoint=FILE."
+        ) from exc
+
+
+def _local(name: str) -> str:
+    """A local directory as an absolute path (a saved model must not depend on the working directory)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def _hf_text_tower(t: dict[str, Any], embed_dim: int) -> tuple[TextTowerConfig, str]:
+    """open_clip's ``HFTextEncoder`` -> clipcraft's transformers text tower, and the text head kind."""
+    for key, allowed in (
+        ("output_tokens", False),
+        ("tokenizer_mode", None),
+        ("tokenizer_kwargs", (None, {})),
+    ):
+        _check(t, key, allowed, "text_cfg")
+    name = str(t["hf_model_name"])
+    if not t.get("hf_tokenizer_name"):
+        raise ClipcraftError(
+            f"open_clip text_cfg has hf_model_name={name!r} but no hf_tokenizer_name: open_clip then tokenizes "
+            "with its CLIP BPE tokenizer, padded with id 0, which clipcraft does not pair with a transformers "
+            "text tower. Add hf_tokenizer_name (usually the same as hf_model_name) to the architecture JSON."
+        )
+    hf = hf_text_config(name)
+    model_type = hf.get("model_type")
+    if hf.get("is_encoder_decoder"):
+        raise ClipcraftError(
+            f"open_clip text tower {name!r} is the encoder half of a {model_type!r} encoder-decoder (mT5, NLLB); "
+            "clipcraft's transformers text tower runs whole encoder models, so this configuration cannot be "
+            "imported."
+        )
+    pooler = t.get("hf_pooler_type", "mean_pooler")  # open_clip's CLIPTextCfg default
+    if pooler is None:  # open_clip then takes the architecture's default pooler
+        _open_clip()
+        from open_clip.hf_configs import arch_dict
+
+        pooler = arch_dict.get(str(model_type), {}).get("pooler")
+    if pooler == "max_pooler":
+        raise ClipcraftError(
+            "open_clip's max_pooler cannot be imported: it fills the caption's own tokens (not the padding) "
+            "and open_clip itself fails on it (masked_fill with an integer mask); no model computes with it."
+        )
+    if pooler not in HF_POOLERS:
+        raise ClipcraftError(
+            f"open_clip text_cfg.hf_pooler_type={pooler!r} has no counterpart in clipcraft's text tower "
+            f"(importable: {', '.join(HF_POOLERS)})."
+        )
+    if "hidden_size" not in hf:  # open_clip reads the width of the encoder-only types it knows there
+        raise ClipcraftError(
+            f"open_clip text tower {name!r}: a {model_type!r} config has no hidden_size, so open_clip cannot "
+            "have built this tower (it knows roberta, xlm-roberta and bert encoders)."
+        )
+    width = int(hf["hidden_size"])
+    proj = t.get("hf_proj_type", "mlp")  # open_clip's CLIPTextCfg default
+    if proj is None and width == embed_dim:
+        head = "none"  # open_clip passes the pooled features through
+    elif proj in HF_PROJECTIONS:
+        head = HF_PROJECTIONS[proj]
+    else:
+        raise ClipcraftError(
+            f"open_clip text_cfg.hf_proj_type={proj!r} (text width {width}, embed_dim {embed_dim}) builds no "
+            f"projection open_clip can run; importable: {', '.join(HF_PROJECTIONS)}, or null when the widths "
+            "are equal."
+        )
+    text = TextTowerConfig(
+        kind="hf",
+        name=_local(name),
+        hf_config=hf,
+        tokenizer=_local(str(t["hf_tokenizer_name"])),
+        pooling=HF_POOLERS[pooler],
+        max_length=int(t.get("context_length", 77)),
+        normalize_features=False,
+        lowercase=False,  # open_clip's HFTokenizer cleans whitespace only
+    )
+    return text, head
+
+
+def check_hf_padding(tokenizer: Any, text: TextTowerConfig) -> None:
+    """open_clip masks the positions that hold the model config's ``pad_token_id``; clipcraft masks the
+    tokenizer's padding. The two agree only when the tokenizer pads with that id: refuse otherwise."""
+    pad = (text.hf_config or {}).get("pad_token_id")
+    if pad is None or tokenizer.pad_token_id != pad:
+        raise ClipcraftError(
+            f"open_clip text tower {text.name!r}: its tokenizer pads with id {tokenizer.pad_token_id} but the "
+            f"model config's pad_token_id is {pad}; open_clip masks by the config's id, so its attention mask "
+            "would not be the tokenizer's and no faithful import is possible."
+        )
 
 
 def _timm_tower(v: dict[str, Any]) -> tuple[ImageTowerConfig, str]:
@@ -209,20 +344,25 @@ def model_config(cfg: dict[str, Any], name: str, checkpoint: str | None) -> tupl
     image.preprocess = _preprocess(
         cfg, int(image_size if not isinstance(image_size, (list, tuple)) else image_size[0])
     )
-    text = TextTowerConfig(
-        kind="hf_clip",
-        name=f"open_clip:{name}",
-        hf_config=_text_hf_config(t, quick_gelu),
-        max_length=int(t.get("context_length", 77)),
-        normalize_features=False,
-        lowercase=False,
-    )
+    embed_dim = int(cfg["embed_dim"])
+    if t.get("hf_model_name"):  # the condition on which open_clip builds an HFTextEncoder
+        text, text_head = _hf_text_tower(t, embed_dim)
+    else:
+        text = TextTowerConfig(
+            kind="hf_clip",
+            name=f"open_clip:{name}",
+            hf_config=_text_hf_config(t, quick_gelu),
+            max_length=int(t.get("context_length", 77)),
+            normalize_features=False,
+            lowercase=False,
+        )
+        text_head = "linear"
     init_bias = cfg.get("init_logit_bias")
     config = ModelConfig(
         image=image,
         text=text,
-        head=HeadConfig(kind="linear", dropout=0.0),
-        embed_dim=int(cfg["embed_dim"]),
+        head=HeadConfig(kind="linear", dropout=0.0, text_kind=None if text_head == "linear" else text_head),
+        embed_dim=embed_dim,
         init_logit_scale=math.log(1 / 0.07),
         init_logit_bias=float(init_bias) if init_bias is not None else -10.0,
         source={"format": "open_clip", "name": name, "checkpoint": checkpoint},
@@ -252,11 +392,39 @@ def _blocks(state: dict[str, Tensor], src: str, dst: str, out: dict[str, Tensor]
             raise ClipcraftError(f"open_clip weight {key!r} has no counterpart in a transformers CLIP layer.")
 
 
+# open_clip's projection after a transformers text tower -> clipcraft's text head, by head kind
+_HF_PROJ_KEYS = {
+    "linear": {"text.proj.weight": "text_head.proj.weight"},
+    "plain_mlp": {"text.proj.0.weight": "text_head.fc1.weight", "text.proj.2.weight": "text_head.fc2.weight"},
+    "none": {},
+}
+
+
+def _hf_text_state(state: dict[str, Tensor], head: str, out: dict[str, Tensor]) -> None:
+    """open_clip's ``text.transformer.*`` (a transformers model) and ``text.proj`` -> clipcraft's text tower
+    and head."""
+    proj = _HF_PROJ_KEYS[head]
+    for key, value in state.items():
+        if key.startswith("text.transformer."):
+            rest = key[len("text.transformer.") :]
+            if not rest.endswith("position_ids"):  # an arange buffer older transformers saved
+                out["text_tower.model." + rest] = value
+        elif key in proj:
+            out[proj[key]] = value
+        elif key.startswith("text."):
+            raise ClipcraftError(
+                f"open_clip weight {key!r} has no counterpart in a {head} text head; this checkpoint does not "
+                "match its architecture's hf_proj_type."
+            )
+
+
 def map_state(state: dict[str, Tensor], config: ModelConfig, model: Any) -> dict[str, Tensor]:
     """An open_clip CLIP state dict renamed onto clipcraft's ``model`` (built from ``config``)."""
     out: dict[str, Tensor] = {}
-    used_prefixes = ["visual.", "token_embedding.", "positional_embedding", "transformer.", "ln_final.",
-                     "text_projection", "logit_scale", "logit_bias", "attn_mask"]  # fmt: skip
+    hf_text = config.text.kind == "hf"
+    text_prefixes = ["text."] if hf_text else ["token_embedding.", "positional_embedding", "transformer.",
+                                               "ln_final.", "text_projection", "attn_mask"]  # fmt: skip
+    used_prefixes = ["visual.", "logit_scale", "logit_bias", *text_prefixes]
     unknown = [k for k in state if not k.startswith(tuple(used_prefixes))]
     if unknown:
         raise ClipcraftError(f"open_clip checkpoint has weights clipcraft cannot place: {unknown[:8]}")
@@ -275,13 +443,16 @@ def map_state(state: dict[str, Tensor], config: ModelConfig, model: Any) -> dict
             out[f"{v}{hf}.bias"] = state[f"visual.{ln}.bias"]
         _blocks(state, "visual.transformer.resblocks.", v + "encoder.layers.", out)
         out["image_head.proj.weight"] = state["visual.proj"].T.contiguous()  # (width, D) -> (D, width)
-    t = "text_tower.model."
-    out[t + "embeddings.token_embedding.weight"] = state["token_embedding.weight"]
-    out[t + "embeddings.position_embedding.weight"] = state["positional_embedding"]
-    out[t + "final_layer_norm.weight"] = state["ln_final.weight"]
-    out[t + "final_layer_norm.bias"] = state["ln_final.bias"]
-    _blocks(state, "transformer.resblocks.", t + "encoder.layers.", out)
-    out["text_head.proj.weight"] = state["text_projection"].T.contiguous()
+    if hf_text:
+        _hf_text_state(state, config.head.kind_of("text"), out)
+    else:
+        t = "text_tower.model."
+        out[t + "embeddings.token_embedding.weight"] = state["token_embedding.weight"]
+        out[t + "embeddings.position_embedding.weight"] = state["positional_embedding"]
+        out[t + "final_layer_norm.weight"] = state["ln_final.weight"]
+        out[t + "final_layer_norm.bias"] = state["ln_final.bias"]
+        _blocks(state, "transformer.resblocks.", t + "encoder.layers.", out)
+        out["text_head.proj.weight"] = state["text_projection"].T.contiguous()
     out["logit_scale"] = state["logit_scale"].reshape(())
     bias = state.get("logit_bias")
     out["logit_bias"] = bias.reshape(()) if bias is not None else model.logit_bias.detach().clone()
@@ -330,6 +501,7 @@ def import_open_clip(name: str, checkpoint: str | None = None) -> Any:
     :class:`~clipcraft.errors.ClipcraftError` for architectures that do not map (see the module doc).
     """
     from clipcraft.model import ClipModel, load_checked
+    from clipcraft.towers import load_tokenizer
 
     if not checkpoint:
         raise PretrainedWeightsError(
@@ -339,7 +511,12 @@ def import_open_clip(name: str, checkpoint: str | None = None) -> Any:
     cfg = architecture(name)
     state = read_checkpoint(checkpoint)
     config, _ = model_config(cfg, name, str(checkpoint))
+    if config.text.kind == "hf":  # the transformers model's own tokenizer, as open_clip's HFTokenizer
+        tokenizer = load_tokenizer(str(config.text.tokenizer), config.text.name)
+        check_hf_padding(tokenizer, config.text)
+    else:
+        tokenizer = clip_tokenizer(config.text.max_length or 77)
     model = ClipModel(config)
     load_checked(model, map_state(state, config, model), f"{checkpoint} (open_clip {name})")
-    model.text_tower.tokenizer = clip_tokenizer(config.text.max_length or 77)
+    model.text_tower.tokenizer = tokenizer
     return model
