@@ -109,22 +109,8 @@ def test_epoch_order_stream_from_the_manifest_and_two_weighted_sources(shards: P
     assert weighted.steps == 2 and _rows(weighted.run_dir)[-1]["loss"] > 0
 
 
-def test_two_gloo_processes_from_shards_match_one_process_with_the_global_batch(
-    shards: Path, tmp_path: Path
-) -> None:
-    """torchrun, 2 gloo processes x 4 pairs from streamed shards (deterministic stream: every rank reads the
-    global batch and keeps its half) train like 1 process x 8 pairs; both ranks take the same number of steps;
-    only rank 0 writes."""
-    spec = str(shards / "shard-{000000..000003}.tar")
-    common = {
-        "epochs": 1,
-        "stream_deterministic": True,
-        "resampled": True,
-        "train_num_samples": 32,
-        "model_overrides": {"head.dropout": 0.0},
-    }
-    single = train(_config(spec, tmp_path / "single", batch_size=8, **common))
-    config = _config(spec, tmp_path / "ddp", batch_size=4, **common)
+def _two_gloo_processes(config: TrainConfig, tmp_path: Path) -> list[int]:
+    """Train ``config`` under torchrun with 2 gloo processes; the steps each rank took."""
     (tmp_path / "ddp.json").write_text(json.dumps(config.to_dict()))
     code = (
         "import json, sys; from clipcraft.train.config import TrainConfig; from clipcraft.train import train; "
@@ -140,7 +126,25 @@ def test_two_gloo_processes_from_shards_match_one_process_with_the_global_batch(
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [(tmp_path / f"steps-{r}").read_text() for r in (0, 1)] == ["4", "4"]  # every rank: 4 steps
+    return [int((tmp_path / f"steps-{r}").read_text()) for r in (0, 1)]
+
+
+def test_two_gloo_processes_from_shards_match_one_process_with_the_global_batch(
+    shards: Path, tmp_path: Path
+) -> None:
+    """torchrun, 2 gloo processes x 4 pairs from streamed shards (deterministic stream: every rank reads the
+    global batch and keeps its half) train like 1 process x 8 pairs; both ranks take the same number of steps;
+    only rank 0 writes."""
+    spec = str(shards / "shard-{000000..000003}.tar")
+    common = {
+        "epochs": 1,
+        "stream_deterministic": True,
+        "resampled": True,
+        "train_num_samples": 32,
+        "model_overrides": {"head.dropout": 0.0},
+    }
+    single = train(_config(spec, tmp_path / "single", batch_size=8, **common))
+    assert _two_gloo_processes(_config(spec, tmp_path / "ddp", batch_size=4, **common), tmp_path) == [4, 4]
     steps = _rows(tmp_path / "ddp")
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one line per step: only rank 0 wrote
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in _rows(single.run_dir)], rel=1e-4)
@@ -267,3 +271,27 @@ def test_a_caption_missing_from_the_cache_is_a_clear_error(shards: Path, tmp_pat
         train(_config(spec, tmp_path / "after", **common))
     assert "'a purple hexagon nobody cached (" in str(error.value) and "shard-000002.tar" in str(error.value)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the same key: read, not rebuilt
+
+
+def test_two_gloo_processes_share_the_caption_cache_and_match_one_process(
+    shards: Path, tmp_path: Path
+) -> None:
+    """Under torchrun rank 0 builds the caption cache and rank 1 waits and reads it (one folder); with two
+    cached captions per image the 2 x 4 deterministic run trains like 1 x 8."""
+    spec = str(shards / "shard-{000000..000003}.tar")
+    common = {
+        "epochs": 1,
+        "lock_text": True,
+        "captions_per_image": 2,
+        "stream_deterministic": True,
+        "resampled": True,
+        "train_num_samples": 16,
+        "num_workers": 1,
+        "model_overrides": {"head.dropout": 0.0},
+    }
+    single = train(_config(spec, tmp_path / "single", batch_size=8, **common))
+    assert _two_gloo_processes(_config(spec, tmp_path / "ddp", batch_size=4, **common), tmp_path) == [2, 2]
+    assert len(list((tmp_path / "ddp" / "feature-cache").glob("captions-*"))) == 1
+    losses = [r["loss"] for r in _rows(tmp_path / "ddp")]
+    assert losses == pytest.approx([r["loss"] for r in _rows(single.run_dir)], rel=1e-4)
+    _same_weights(tmp_path / "ddp" / "last", single.last_model, exact=False)
