@@ -394,10 +394,11 @@ class WebDatasetStream(IterableDataset):
         captions = _captions(sample, self.seed, self.epoch, self.step_captions or 1)
         if self.text_transform:
             captions = tuple(self.text_transform(c) for c in captions)
-        pixels: Any = image
-        if self.transform is not None and seed is None:
+        if self.transform is None:
+            pixels: Any = image
+        elif seed is None:
             pixels = self.transform(image)
-        elif self.transform is not None:
+        else:
             py_state = random.getstate()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
