@@ -9,8 +9,8 @@ package must be installed). Several sources are joined with ``::`` (``a/{..}.tar
 A shard's members are grouped into samples by key (the path up to the first dot of the file name) by the
 library's ``tar_file_expander``/``group_by_keys``. A sample needs an image member (``jpg``, ``jpeg``, ``png``
 or ``webp``) and a caption: the ``json`` member's ``captions`` list when there is one (what
-``clipcraft data shards`` writes: then one caption per sample per epoch is drawn from (seed, epoch, sample)),
-else the ``txt`` member.
+``clipcraft data shards`` writes: then one caption per sample per epoch is drawn from (seed, epoch, sample),
+and a step that takes k captions per image gets that one and the sample's next ones), else the ``txt`` member.
 
 :class:`WebDatasetStream` reads every sample once per epoch: the shard list is shuffled with (seed, epoch) and
 dealt out to the (rank, worker) pairs, pair ``rank * num_workers + worker`` reading shards ``p, p + R*W, …``.
@@ -48,7 +48,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from clipcraft.data.report import (
     BadDataReport,
     BadItem,
 )
+from clipcraft.digests import files_digest, json_digest
 from clipcraft.distributed import rank_and_world_size
 from clipcraft.errors import ClipcraftError
 
@@ -257,11 +258,13 @@ def iter_shard(url: str, shard_number: int = 0) -> Iterator[RawSample | BadItem]
         )
 
 
-def _caption(sample: RawSample, seed: int, epoch: int) -> str:
-    if len(sample.captions) == 1:
-        return sample.captions[0]
-    pick = hash((seed, epoch, sample.sample_id)) % len(sample.captions)  # ints hash alike in every process
-    return sample.captions[pick]
+def _captions(sample: RawSample, seed: int, epoch: int, k: int = 1) -> tuple[str, ...]:
+    """``k`` captions of ``sample`` for ``epoch``: the one drawn from (seed, epoch, sample id), then the
+    sample's next ones, wrapping around its own count (a sample with fewer than k repeats them), as
+    :meth:`clipcraft.train.features.FeatureCache.caption_rows` rotates the captions of map-style data."""
+    count = len(sample.captions)
+    first = 0 if count == 1 else hash((seed, epoch, sample.sample_id)) % count  # ints hash alike everywhere
+    return tuple(sample.captions[(first + j) % count] for j in range(k))
 
 
 def _shuffled(samples: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -278,14 +281,27 @@ def _shuffled(samples: Iterator[Any], size: int, rng: np.random.Generator) -> It
         yield buffer.pop(int(rng.integers(len(buffer))))
 
 
+class StreamItem(NamedTuple):
+    """A streamed sample with the ``k`` captions a training step contrasts its image with (what a
+    caption-keyed text feature cache looks up): the fields of :class:`CaptionItem`, then the captions and
+    where the sample is stored (``shard:key``, for errors)."""
+
+    image: Any
+    caption: str  # the epoch's caption: captions[0]
+    index: int  # the sample id
+    captions: tuple[str, ...]  # the epoch's caption, then the sample's next ones, wrapping around
+    where: str
+
+
 class WebDatasetStream(IterableDataset):
     """Streams :class:`CaptionItem` ``(image, caption, sample_id)`` from tar shards, every sample once per
     epoch; bad samples as :class:`BadItem`. See the module docstring for how shards are split.
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialized at iteration time, else 0/1.
     ``shuffle_buffer`` > 0 shuffles samples within a buffer of that size, seeded from (seed, epoch, rank, worker).
-    Call :meth:`set_epoch` before each epoch (with persistent DataLoader workers the call does not reach the
-    workers; re-create the iterator instead).
+    ``step_captions=k`` yields :class:`StreamItem` with k captions per sample instead (the caption of a
+    :class:`CaptionItem` is their first). Call :meth:`set_epoch` before each epoch (with persistent DataLoader
+    workers the call does not reach the workers; re-create the iterator instead).
     """
 
     def __init__(
@@ -299,9 +315,12 @@ class WebDatasetStream(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        step_captions: int | None = None,
     ) -> None:
         super().__init__()
         _wds()
+        if step_captions is not None and step_captions < 1:
+            raise ClipcraftError(f"step_captions must be at least 1, got {step_captions}.")
         self.sources = [list_shards(s) for s in split_sources(shards)]
         self.shards = [url for source in self.sources for url in source]
         self.source = (
@@ -315,6 +334,7 @@ class WebDatasetStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.step_captions = step_captions
         self.epoch = 0
         self.report = BadDataReport(self.source)
 
@@ -357,7 +377,9 @@ class WebDatasetStream(IterableDataset):
         for i in self.my_shards():
             yield from iter_shard(self.shards[i], i)
 
-    def _load(self, sample: RawSample | BadItem, seed: int | None = None) -> CaptionItem | BadItem:
+    def _load(
+        self, sample: RawSample | BadItem, seed: int | None = None
+    ) -> CaptionItem | StreamItem | BadItem:
         """Decode, transform (with torch and Python RNGs seeded from ``seed`` when given) and caption."""
         self.report.seen()
         if isinstance(sample, BadItem):
@@ -369,22 +391,25 @@ class WebDatasetStream(IterableDataset):
             bad = BadItem(sample.sample_id, exc.kind, exc.where, exc.reason)
             self.report.add_item(bad)
             return bad
-        caption = _caption(sample, self.seed, self.epoch)
+        captions = _captions(sample, self.seed, self.epoch, self.step_captions or 1)
         if self.text_transform:
-            caption = self.text_transform(caption)
+            captions = tuple(self.text_transform(c) for c in captions)
         if self.transform is None:
-            return CaptionItem(image, caption, sample.sample_id)
-        if seed is None:
-            return CaptionItem(self.transform(image), caption, sample.sample_id)
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
+            pixels: Any = image
+        elif seed is None:
             pixels = self.transform(image)
-        random.setstate(py_state)
-        return CaptionItem(pixels, caption, sample.sample_id)
+        else:
+            py_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                pixels = self.transform(image)
+            random.setstate(py_state)
+        if self.step_captions is None:
+            return CaptionItem(pixels, captions[0], sample.sample_id)
+        return StreamItem(pixels, captions[0], sample.sample_id, captions, sample.where)
 
-    def __iter__(self) -> Iterator[CaptionItem | BadItem]:
+    def __iter__(self) -> Iterator[CaptionItem | StreamItem | BadItem]:
         for sample in _shuffled(self._raw(), self.shuffle_buffer, self._rng(1)):
             yield self._load(sample)
 
@@ -407,6 +432,31 @@ class WebDatasetStream(IterableDataset):
                         report.add(exc.kind, exc.where, exc.reason)
         return report
 
+    def all_captions(self) -> Iterator[tuple[str, ...]]:
+        """The captions of every readable sample of every shard (all of them, whatever the rank), in shard
+        order, decoding no image: what a caption-keyed text feature cache is built from. Bad samples are
+        skipped here; training counts them where it meets them."""
+        for number, shard in enumerate(self.shards):
+            for sample in iter_shard(shard, number):
+                if not isinstance(sample, BadItem):
+                    yield sample.captions
+
+    def digest(self) -> str:
+        """sha256 naming the shards without reading them: each one's URL and, for local shards, the sha256
+        their ``manifest.json`` records, else their size and modification time (a cache key's data part)."""
+        checksums: dict[str, str] = {}
+        for folder in {Path(s).parent for s in self.shards if not _scheme(s)}:
+            entries = _manifest_entries(folder) or {}
+            checksums.update({path: str(e.get("sha256", "")) for path, e in entries.items()})
+        unrecorded = [s for s in self.shards if not _scheme(s) and not checksums.get(str(Path(s)))]
+        return json_digest(
+            {
+                "shards": self.shards,
+                "sha256": [checksums.get(str(Path(s)), "") for s in self.shards],
+                "files": files_digest(unrecorded),
+            }
+        )
+
     def __repr__(self) -> str:
         return f"WebDatasetStream(shards={len(self.shards)}, source={self.source!r}, epoch={self.epoch})"
 
@@ -423,21 +473,29 @@ def shard_manifest_samples(spec: str | os.PathLike) -> int | None:
         shards = list_shards(source)
         if any(_scheme(s) for s in shards):
             return None
-        folders = {Path(s).parent for s in shards}
         counts: dict[str, int] = {}
-        for folder in folders:
-            path = folder / "manifest.json"
-            if not path.is_file():
+        for folder in {Path(s).parent for s in shards}:
+            entries = _manifest_entries(folder)
+            if entries is None:
                 return None
-            try:
-                data = json.loads(path.read_text())
-            except ValueError:
-                return None
-            counts.update({str(folder / s["name"]): int(s["samples"]) for s in data.get("shards", [])})
+            counts.update({path: int(entry["samples"]) for path, entry in entries.items()})
         if any(str(Path(s)) not in counts for s in shards):
             return None
         total += sum(counts[str(Path(s))] for s in shards)
     return total
+
+
+def _manifest_entries(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The shards ``folder/manifest.json`` (written by ``clipcraft data shards``) lists, by path
+    (``str(folder / name)``): their entries (samples, captions, bytes, sha256). None when it is missing or not JSON."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return {str(folder / entry["name"]): entry for entry in data.get("shards", [])}
 
 
 @dataclass(frozen=True)
@@ -489,7 +547,8 @@ class StreamPlan:
 
 
 class ShardBatches(IterableDataset):
-    """Batches for the training loop: each item is ``(batch_number, [CaptionItem | BadItem, ...])`` with
+    """Batches for the training loop: each item is ``(batch_number, [item | BadItem, ...])`` (items as the
+    stream yields them: :class:`CaptionItem`, or :class:`StreamItem` with ``step_captions``) with
     exactly ``plan.batch_size`` samples, ``plan.steps`` batches per epoch on every rank (see the module
     docstring). Use with ``DataLoader(batch_size=None)``; batches may come out of order across workers when an
     epoch starts mid-way: :func:`in_order` puts them back.
@@ -574,7 +633,7 @@ class ShardBatches(IterableDataset):
                     f"A worker's {mine} shard(s) hold no samples at all ({self.stream.source})."
                 )
 
-    def __iter__(self) -> Iterator[tuple[int, list[CaptionItem | BadItem]]]:
+    def __iter__(self) -> Iterator[tuple[int, list[CaptionItem | StreamItem | BadItem]]]:
         stream, plan = self.stream, self.plan
         rank, _, worker, workers = stream.placement()
         if workers != max(1, plan.num_workers):

@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,12 +34,20 @@ from clipcraft.model import ClipModel, ClipOutput, create_model, load
 from clipcraft.train.checkpoint import load_checkpoint
 from clipcraft.train.config import TrainConfig, tower_overrides
 from clipcraft.train.ema import WeightAverage
-from clipcraft.train.features import FeatureCache, build_or_load_cache
+from clipcraft.train.features import (
+    CaptionFeatures,
+    FeatureCache,
+    build_or_load_cache,
+    build_or_load_caption_cache,
+)
 from clipcraft.train.optim import build_optimizer, build_scheduler, param_groups
 from clipcraft.train.run import Run, seed_everything
 from clipcraft.train.runlog import RunLog
 from clipcraft.train.runtime import Runtime, open_runtime
 from clipcraft.train.validation import validate_model
+
+if TYPE_CHECKING:  # the webdataset library is an extra: imported where shards are streamed
+    from clipcraft.data.webdataset import WebDatasetStream
 
 SPLITS = {"flickr": ("train", "dev", "test"), "imagefolder": ("train", "validation", "test")}
 
@@ -91,9 +99,11 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
     transform = model.image_transform(
         train=loader_config.augment, scale=loader_config.crop_scale, hflip=config.hflip
     )
-    image_cache = text_cache = index_map = None
+    image_cache = index_map = None
+    text_cache: FeatureCache | CaptionFeatures | None = None
     if fmt == "webdataset":  # streamed: no scan before training (bad samples are counted as they come)
-        data: _MapBatches | _StreamBatches = _StreamBatches(config, model, transform, rt, checkpoint)
+        data: _MapBatches | _StreamBatches = _StreamBatches(config, model, transform, rt, checkpoint, log)
+        text_cache = data.text_cache  # a locked text tower's features, keyed by caption
         report = BadDataReport(config.data)
         log.info(f"Training data: {data.stream!r}, {data.plan}")
     else:
@@ -243,14 +253,17 @@ def _train_step(
     caption_indices: torch.Tensor,
     size: int,
     image_cache: FeatureCache | None,
-    text_cache: FeatureCache | None,
+    text_cache: FeatureCache | CaptionFeatures | None,
     index_map: np.ndarray | None,
     rt: Runtime,
 ) -> torch.Tensor:
     """Forward, loss and backward for one batch (the first ``size`` pairs). With ``grad_accum_steps`` > 1 the
     batch runs as micro-batches but the loss is still the full-batch contrastive loss: every micro-batch's
     embeddings are first computed without gradient, then each micro-batch is recomputed with gradient and
-    contrasted against the others' cached embeddings."""
+    contrasted against the others' cached embeddings.
+
+    ``caption_indices``: (B,) the first caption of each image (map-style data; ignored without a text cache),
+    or (B, k) the rows of each image's k captions in a caption-keyed cache (streamed shards)."""
     device = model.device
     indices = batch.indices[:size]
     original = torch.from_numpy(index_map[indices.numpy()]) if index_map is not None else indices
@@ -260,8 +273,10 @@ def _train_step(
     else:
         inputs["images"] = batch.images[:size].to(device, non_blocking=True)
     captions = config.captions_per_image
-    if text_cache is not None:
-        features = text_cache.caption_rows(original, caption_indices[:size], captions)
+    if isinstance(text_cache, CaptionFeatures):  # streamed: the collate looked up the rows of the captions
+        inputs["text_features"] = text_cache.take(caption_indices[:size]).to(device)  # (B*k, F)
+    elif text_cache is not None:
+        features = text_cache.caption_rows(original, caption_indices[:size], captions)  # (B*k, F)
         inputs["text_features"] = features.to(device)
     else:
         inputs["texts"] = {k: v[:size].to(device) for k, v in batch.tokens.items()}
@@ -380,10 +395,21 @@ class _MapBatches:
 class _StreamBatches:
     """One epoch of streamed shards (:class:`~clipcraft.data.webdataset.ShardBatches`): ``steps`` batches
     on every rank, in order, from ``start_batch`` on. The checkpoint holds the stream state (seed, epoch,
-    samples seen, ranks and workers); a resume with another split is refused."""
+    samples seen, ranks and workers); a resume with another split is refused.
+
+    A locked text tower (with ``feature_cache``) is cached like map-style data's, but keyed by caption text
+    (:class:`~clipcraft.train.features.CaptionFeatures`, built before the first epoch from one pass over the
+    shards' captions): then the stream yields each image's ``captions_per_image`` captions, the collate looks
+    up their rows, and no step runs the text tower. A locked image tower runs every step (no image cache)."""
 
     def __init__(
-        self, config: TrainConfig, model: ClipModel, transform: Any, rt: Runtime, checkpoint: Any
+        self,
+        config: TrainConfig,
+        model: ClipModel,
+        transform: Any,
+        rt: Runtime,
+        checkpoint: Any,
+        log: RunLog,
     ) -> None:
         from clipcraft.data.webdataset import (
             ShardBatches,
@@ -392,10 +418,7 @@ class _StreamBatches:
             shard_manifest_samples,
         )
 
-        if config.captions_per_image > 1:
-            raise ClipcraftError(
-                "captions_per_image > 1 needs cached text features, which streamed shards lack."
-            )
+        cache_text = "text" in _cached_towers(config, model)
         samples = config.train_num_samples or shard_manifest_samples(config.data)
         if not samples:
             raise ClipcraftError(
@@ -416,6 +439,7 @@ class _StreamBatches:
             seed=config.run.seed,
             rank=0 if config.stream_deterministic else rt.rank,  # deterministic: all read all
             world_size=1 if config.stream_deterministic else rt.world_size,
+            step_captions=config.captions_per_image if cache_text else None,
         )
         self.plan = StreamPlan(
             steps=steps,
@@ -431,10 +455,11 @@ class _StreamBatches:
             self.plan.check_resume(checkpoint.get("stream"))
         self.stream = stream
         self.batches = ShardBatches(stream, self.plan, weights=_weights(config.data_weights))
+        self.text_cache = _stream_text_cache(config, model, stream, rt, log) if cache_text else None
         self.loader = DataLoader(
             self.batches,
             batch_size=None,  # ShardBatches yields whole batches
-            collate_fn=_StreamCollate(model.tokenize),
+            collate_fn=_StreamCollate(model.tokenize, self.text_cache, config.captions_per_image),
             num_workers=config.loader.num_workers,
             pin_memory=rt.device.type == "cuda",
             generator=torch.Generator().manual_seed(config.run.seed),  # workers' seeds: not from the main RNG
@@ -463,15 +488,28 @@ def _weights(value: Any) -> list[float] | None:
 
 
 class _StreamCollate:
-    """:func:`clipcraft.data.collate` of one streamed batch ``(number, items)``; the number travels along."""
+    """:func:`clipcraft.data.collate` of one streamed batch ``(number, items)``; the number travels along.
 
-    def __init__(self, tokenize: Any) -> None:
+    Without a text cache the captions are tokenized (one per image; the caption indices are zeros). With one,
+    the items are :class:`~clipcraft.data.webdataset.StreamItem` with ``captions`` (k) captions each: nothing
+    is tokenized and the second part is the (B, k) rows of the kept images' captions in the cache (a caption
+    missing from it raises, naming the sample)."""
+
+    def __init__(self, tokenize: Any, text_cache: CaptionFeatures | None = None, captions: int = 1) -> None:
         self.tokenize = tokenize
+        self.text_cache = text_cache
+        self.captions = captions
 
     def __call__(self, numbered: tuple[int, list[Any]]) -> tuple[int, tuple[Any, torch.Tensor]]:
         number, items = numbered
-        batch = collate(items, self.tokenize)
-        return number, (batch, torch.zeros(len(batch), dtype=torch.int64))  # one caption per image
+        if self.text_cache is None:
+            batch = collate(items, self.tokenize)
+            return number, (batch, torch.zeros(len(batch), dtype=torch.int64))  # one caption per image
+        batch = collate(items)
+        good = [it for it in items if not isinstance(it, BadItem)]
+        texts = [c for it in good for c in it.captions]
+        rows = self.text_cache.rows(texts, [it.where for it in good for _ in it.captions])
+        return number, (batch, torch.from_numpy(rows).reshape(len(good), self.captions))  # (B, k)
 
 
 class _EpochKeys:
@@ -581,30 +619,20 @@ def _feature_caches(
     """Caches for locked towers (image: only when training images are not augmented). Rank 0 computes,
     the others wait and then read. Images that failed to load are dropped: the returned ``index_map`` maps
     the kept images to their rows in the caches."""
-    if not config.feature_cache:
-        return None, None, None
-    cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.run.output_dir) / "feature-cache"
-    wanted = []
-    if model.image_tower.fully_locked and not config.loader.augment:
-        wanted.append("image")
-    if model.text_tower.fully_locked:
-        wanted.append("text")
+    cache_dir = _cache_dir(config)
     caches: dict[str, FeatureCache] = {}
-    for tower in wanted:
-        if not rt.is_main:
-            rt.barrier()  # rank 0 writes the cache first
-        cache, bad, reused = build_or_load_cache(
-            model,
-            dataset,
-            tower,
-            cache_dir,
-            batch_size=config.loader.eval_batch_size,
-            num_workers=config.loader.num_workers,
-            precision=rt.precision,
-            progress=rt.is_main,
-        )
-        if rt.is_main:
-            rt.barrier()
+    for tower in _cached_towers(config, model):
+        with _main_rank_first(rt):
+            cache, bad, reused = build_or_load_cache(
+                model,
+                dataset,
+                tower,
+                cache_dir,
+                batch_size=config.loader.eval_batch_size,
+                num_workers=config.loader.num_workers,
+                precision=rt.precision,
+                progress=rt.is_main,
+            )
         for item in bad:
             report.add(item.kind, item.where, item.reason, rows=len(dataset.records[item.index].captions))
         caches[tower] = cache
@@ -614,6 +642,50 @@ def _feature_caches(
         return None, None, None
     keep = np.flatnonzero(image_cache.ok) if image_cache is not None else np.arange(len(dataset))
     return image_cache, text_cache, keep
+
+
+def _stream_text_cache(
+    config: TrainConfig, model: ClipModel, stream: WebDatasetStream, rt: Runtime, log: RunLog
+) -> CaptionFeatures:
+    """The caption-keyed cache of a locked text tower for the shards of ``stream`` (all of them, whatever
+    the rank). Rank 0 builds it, the others wait and then read it."""
+    with _main_rank_first(rt):
+        cache, reused = build_or_load_caption_cache(
+            model,
+            stream,
+            _cache_dir(config),
+            batch_size=config.loader.eval_batch_size,
+            num_workers=config.loader.num_workers,
+            precision=rt.precision,
+            progress=rt.is_main,
+        )
+    log.info(
+        f"text features of {len(cache.keys)} captions {'read from' if reused else 'cached in'} {cache.folder}"
+    )
+    return cache
+
+
+def _cached_towers(config: TrainConfig, model: ClipModel) -> list[str]:
+    """The towers whose features are computed once and cached (with ``feature_cache``): a locked text tower,
+    and a locked image tower whose training images are not augmented."""
+    if not config.feature_cache:
+        return []
+    towers = ["image"] if model.image_tower.fully_locked and not config.loader.augment else []
+    return towers + (["text"] if model.text_tower.fully_locked else [])
+
+
+def _cache_dir(config: TrainConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else Path(config.run.output_dir) / "feature-cache"
+
+
+@contextlib.contextmanager
+def _main_rank_first(rt: Runtime) -> Iterator[None]:
+    """Run the block on rank 0 first (it writes a cache), then on the other ranks (they read it)."""
+    if not rt.is_main:
+        rt.barrier()
+    yield
+    if rt.is_main:
+        rt.barrier()
 
 
 # -- end of epoch and end of run -------------------------------------------------------------------------------
