@@ -41,7 +41,7 @@ from clipcraft.train.features import (
     build_or_load_cache,
     build_or_load_caption_cache,
 )
-from clipcraft.train.optim import build_optimizer, build_scheduler, param_groups
+from clipcraft.train.optim import build_optimizer, build_scheduler, loss_groups, param_groups
 from clipcraft.train.run import Run, seed_everything
 from clipcraft.train.runlog import RunLog
 from clipcraft.train.runtime import Runtime, open_runtime
@@ -145,7 +145,7 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
 
     loss_fn = _build_loss(config, model, rt)
     groups = param_groups(model, config.learning_rates(), config.optim.weight_decay)
-    groups += _loss_groups(loss_fn, config)
+    groups += loss_groups(loss_fn, config.lr_heads, config.optim.weight_decay)  # SLIP's SimCLR head
     optimizer = build_optimizer(groups, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     load_report = BadDataReport(config.data)  # images that failed to decode while training
@@ -698,17 +698,6 @@ def _build_loss(config: TrainConfig, model: ClipModel, rt: Runtime) -> torch.nn.
         distributed=rt.distributed,  # negatives from every rank, as the contrastive loss's
     )
     return SlipLoss(loss, ssl, config.ssl_weight).to(rt.device)
-
-
-def _loss_groups(loss_fn: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """Optimizer groups of the loss's own parameters (SLIP's SimCLR head, at the heads' rate), named
-    ``ssl_head``; none for a loss without parameters."""
-    if not any(True for _ in loss_fn.parameters()):
-        return []
-    groups = param_groups(loss_fn, {"heads": config.lr_heads}, config.optim.weight_decay)
-    for group in groups:
-        group["name"] = group["name"].replace("heads", "ssl_head")
-    return groups
 
 
 def _splits(config: TrainConfig, fmt: str) -> tuple[str, str | None, str | None]:
