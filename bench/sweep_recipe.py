@@ -21,6 +21,17 @@ with the zero-shot head of ``clipcraft.evaluation.zeroshot`` on the packed test 
 CPU run, and why the sweep only ranks settings (the chosen one is then measured on the CPU): images come from
 112 px centre squares rather than the full photo (the random crop is the same kind, scale and ratio, done on
 the GPU with ``grid_sample``), matrix products use TF32, and caption features are int8-rounded.
+
+Two training levers are sweepable beside the grid's settings (pass them with ``--grid``): ``ssl_weight``
+(with ``ssl_temperature``, ``ssl_hidden``, ``ssl_dim``) adds SLIP's SimCLR term on a second random crop of
+each image (``clipcraft.losses.SlipLoss``, its head in its own optimizer groups as the trainer does), and
+``text_variants: V`` shows each caption or one of its first V augmented variants, drawn per step. The
+variants' features come from the pack: ``pack --text-variants V`` encodes V variants of every training
+caption (``clipcraft.data.text_augment.caption_variant``, seed 0, ``--text-strength``), about 11 MiB per
+variant at Flickr8k's 30,000 captions, so a pack with variants needs room (fewer train images, or no
+CIFAR part) to stay within the 64 MiB the GPU machine takes::
+
+    python bench/sweep_recipe.py run --pack .pack --grid '[{}, {"ssl_weight": 1.0}, {"text_variants": 2}]'
 """
 
 from __future__ import annotations
@@ -59,6 +70,11 @@ BASE: dict[str, Any] = {
     "img_size": 96,
     "seed": 0,
     "lowres": 0.0,  # probability of the low-resolution augmentation (see low_resolution)
+    "ssl_weight": 0.0,  # SLIP: weight of the SimCLR term on a second crop (0: off)
+    "ssl_temperature": 0.1,
+    "ssl_hidden": 512,
+    "ssl_dim": 128,
+    "text_variants": 0,  # show each caption or one of its first N packed variants (0: originals only)
     "model_overrides": {},  # extra dotted ModelConfig keys
 }
 
@@ -139,6 +155,10 @@ def pack(args: argparse.Namespace) -> int:
         np.save(out / f"{split}-text-int8.npy", np.round(feats / scale).astype(np.int8))
         np.save(out / f"{split}-text-scale.npy", scale.astype(np.float32))
         np.save(out / f"{split}-caption-counts.npy", counts)
+        if split == "train" and args.text_variants:
+            meta["text_variants"] = _pack_variants(
+                model, captions, args.text_variants, args.text_strength, out
+            )
         meta["splits"][split] = {
             "images": len(blobs),
             "captions": len(captions),
@@ -154,6 +174,23 @@ def pack(args: argparse.Namespace) -> int:
     meta["preprocess"] = {"mean": list(pre.mean), "std": list(pre.std), "crop_pct": pre.crop_pct}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return 0
+
+
+def _pack_variants(model: Any, captions: list[str], variants: int, strength: float, out: Path) -> dict:
+    """The text-tower features of variants 1 ... ``variants`` of every training caption, as
+    ``train-text-variants-int8.npy`` (V, C, F) with one scale per row in ``train-text-variants-scale.npy``."""
+    from clipcraft.data.text_augment import caption_variant
+
+    quantized, scales = [], []
+    for v in range(1, variants + 1):
+        feats = _text_features(model, [caption_variant(c, v, strength, seed=0) for c in captions])
+        scale = np.abs(feats).max(axis=1, keepdims=True) / 127.0
+        quantized.append(np.round(feats / scale).astype(np.int8))
+        scales.append(scale.astype(np.float32))
+    np.save(out / "train-text-variants-int8.npy", np.stack(quantized))
+    np.save(out / "train-text-variants-scale.npy", np.stack(scales))
+    print(f"train: {variants} variants of {len(captions)} captions (strength {strength})", flush=True)
+    return {"variants": variants, "strength": strength, "seed": 0}
 
 
 def _pack_cifar(model: Any, root: Path, per_class: int, out: Path) -> dict[str, Any]:
@@ -181,7 +218,8 @@ def _pack_cifar(model: Any, root: Path, per_class: int, out: Path) -> dict[str, 
 
 class Split:
     """One split of the pack on the device: images (N, 3, S, S) uint8, caption features (C, F) float32,
-    and per image the first caption row and the caption count."""
+    and per image the first caption row and the caption count; ``versions`` (1 + V, C, F) holds the
+    caption features followed by those of the V packed caption variants (V = 0 without them)."""
 
     def __init__(self, root: Path, split: str, device: torch.device) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +238,11 @@ class Split:
         self.images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
         q = np.load(root / f"{split}-text-int8.npy").astype(np.float32)
         self.text = torch.from_numpy(q * np.load(root / f"{split}-text-scale.npy")).to(device)
+        self.versions = self.text[None]
+        packed = root / f"{split}-text-variants-int8.npy"
+        if packed.is_file():
+            v = np.load(packed).astype(np.float32) * np.load(root / f"{split}-text-variants-scale.npy")
+            self.versions = torch.cat([self.versions, torch.from_numpy(v).to(device)])
         counts = np.load(root / f"{split}-caption-counts.npy")
         self.counts = torch.from_numpy(counts).to(device)
         self.first = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]])).to(device)
@@ -305,9 +348,9 @@ def train_one(
     validated, with ``stopped_at_epoch`` set."""
     import clipcraft
     from clipcraft.evaluation.retrieval import retrieval_metrics
-    from clipcraft.losses import build_loss
+    from clipcraft.losses import SimClrLoss, SlipLoss, build_loss
     from clipcraft.train.config import OptimConfig
-    from clipcraft.train.optim import build_optimizer, build_scheduler, param_groups
+    from clipcraft.train.optim import build_optimizer, build_scheduler, loss_groups, param_groups
     from clipcraft.train.validation import RECALL_KEYS
 
     s = {
@@ -332,9 +375,26 @@ def train_one(
     n, bs, k = len(train.counts), s["batch_size"], s["captions_per_image"]
     steps_per_epoch = n // bs  # the trainer drops the last partial batch
     total = steps_per_epoch * s["epochs"]
-    optimizer = build_optimizer(param_groups(model, rates, optim.weight_decay), optim)
-    scheduler = build_scheduler(optimizer, optim, total)
     loss_fn = build_loss(s["loss"])  # the trainer's: takes the ClipOutput
+    if s["ssl_weight"]:  # SLIP, as the trainer builds it: the SimCLR head is the loss's
+        ssl = SimClrLoss(
+            model.image_tower.num_features,
+            hidden=s["ssl_hidden"],
+            dim=s["ssl_dim"],
+            temperature=s["ssl_temperature"],
+        )
+        loss_fn = SlipLoss(loss_fn, ssl, s["ssl_weight"]).to(device)
+    variants = s["text_variants"]
+    if variants > len(train.versions) - 1:
+        raise SystemExit(
+            f"text_variants={variants} but the pack has {len(train.versions) - 1} caption variants: "
+            f"rebuild it with `pack --text-variants {variants}`."
+        )
+    groups = param_groups(model, rates, optim.weight_decay) + loss_groups(
+        loss_fn, s["lr"], optim.weight_decay
+    )
+    optimizer = build_optimizer(groups, optim)
+    scheduler = build_scheduler(optimizer, optim, total)
     mean = torch.tensor(meta["preprocess"]["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(meta["preprocess"]["std"], device=device).view(1, 3, 1, 1)
     curve: list[dict[str, float]] = []
@@ -368,8 +428,15 @@ def train_one(
             idx = order[step * bs : (step + 1) * bs]
             x = random_resized_crop(train.images[idx], s["img_size"], s["crop_scale"], s["hflip"], gen)
             x = low_resolution(x, s["lowres"], 32, gen)
+            if s["ssl_weight"]:  # a second crop of each image; rows 2i and 2i+1 are image i's two views
+                x2 = random_resized_crop(train.images[idx], s["img_size"], s["crop_scale"], s["hflip"], gen)
+                x = torch.stack([x, low_resolution(x2, s["lowres"], 32, gen)], dim=1).flatten(0, 1)
             start = (torch.rand(bs, device=device, generator=gen) * train.counts[idx]).long()
-            feats = train.text[train.caption_rows(idx, start, k)]
+            rows = train.caption_rows(idx, start, k)
+            version = torch.zeros_like(rows)
+            if variants:  # the original caption or one of its variants, per row
+                version = torch.randint(0, variants + 1, rows.shape, device=device, generator=gen)
+            feats = train.versions[version, rows]
             out = model(images=(x - mean) / std, text_features=feats)
             loss = loss_fn(out)
             optimizer.zero_grad(set_to_none=True)
@@ -380,6 +447,8 @@ def train_one(
         stopped = time.time() > stop_at and epoch < s["epochs"]
         if epoch % 5 == 0 or epoch == s["epochs"] or stopped:
             curve.append({**validate(epoch), "loss": round(float(loss.detach()), 4)})
+            if s["ssl_weight"]:
+                curve[-1]["ssl_loss"] = round(float(loss_fn.last_ssl), 4)
         if stopped:
             break
     best = max(curve, key=lambda c: c["recall_mean"])
@@ -487,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         help="zero-shot proxy images: CIFAR-10 *train* (choosing settings on the test split would fit it)",
     )
     p.add_argument("--cifar-per-class", type=int, default=200)
+    p.add_argument(
+        "--text-variants", type=int, default=0, help="also pack N augmented variants of each train caption"
+    )
+    p.add_argument("--text-strength", type=float, default=0.1, help="fraction of a variant's words edited")
     for name in ("run", "_worker"):
         p = sub.add_parser(name)
         p.add_argument("--pack", default=".pack")

@@ -10,7 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcraft.losses import build_loss, clip_loss, siglip_loss
+from clipcraft.losses import (
+    ClipLoss,
+    SimClrLoss,
+    SlipLoss,
+    build_loss,
+    clip_loss,
+    nt_xent_loss,
+    siglip_loss,
+)
 
 
 def _embeddings(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +188,11 @@ def _global_batch(k: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Ten
     return img.to(dtype), txt.to(dtype)
 
 
+def _global_views() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(9)
+    return torch.randn(WORLD * PER_RANK, 5, generator=g), torch.randn(WORLD * PER_RANK, 5, generator=g)
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -195,6 +208,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             loss = siglip_loss(local_img, local_txt, 10.0, -4.0, distributed=True)
         loss.backward()
         results[name, k, dtype] = (loss.detach(), local_img.grad, local_txt.grad)
+    view_a, view_b = _global_views()
+    local_a = view_a[rank * PER_RANK : (rank + 1) * PER_RANK].clone().requires_grad_(True)
+    local_b = view_b[rank * PER_RANK : (rank + 1) * PER_RANK].clone().requires_grad_(True)
+    loss = nt_xent_loss(local_a, local_b, 0.2, distributed=True)
+    loss.backward()
+    results["nt_xent"] = (loss.detach(), local_a.grad, local_b.grad)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT at exit otherwise)
     dist.destroy_process_group()
@@ -235,6 +254,14 @@ def test_gathered_losses_equal_single_process_on_the_global_batch(tmp_path):
         _assert_float64_close(
             (torch.cat([r[1] for r in ranks]) / WORLD, torch.cat([r[2] for r in ranks]) / WORLD), ref[1:]
         )
+    # NT-Xent: every rank's queries meet all ranks' candidates, with the contrastive losses' contract
+    view_a, view_b = (v.clone().requires_grad_(True) for v in _global_views())
+    single = nt_xent_loss(view_a, view_b, 0.2)
+    single.backward()
+    ranks = [per_rank[r]["nt_xent"] for r in range(WORLD)]
+    torch.testing.assert_close(sum(r[0] for r in ranks) / WORLD, single.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / WORLD, view_a.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / WORLD, view_b.grad, rtol=1e-4, atol=1e-6)
 
 
 def reference_smoothed_clip(img, txt, scale, k, eps):
@@ -271,3 +298,58 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets(k: int) -> No
         clip_loss(img, txt, 10.0, label_smoothing=1.0)
     with pytest.raises(ValueError, match="clip loss"):
         build_loss("siglip", label_smoothing=0.1)
+
+
+# -- SLIP: NT-Xent and the SimCLR term beside the contrastive loss ---------------------------------------------
+
+
+def reference_nt_xent(a, b, temperature):
+    """SimCLR's loss written out query by query: 2B queries, each against every vector but itself."""
+    z = torch.cat([F.normalize(a, dim=-1), F.normalize(b, dim=-1)])
+    n = a.shape[0]
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        others = torch.stack([z[i] @ z[j] / temperature for j in range(2 * n) if j != i])
+        total = total - (z[i] @ z[positive] / temperature - torch.logsumexp(others, 0))
+    return total / (2 * n)
+
+
+def test_nt_xent_matches_loop_reference_in_value_and_gradient() -> None:
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 7, generator=g), 3 * torch.randn(5, 7, generator=g)  # any scale: normalised inside
+    for temperature in (0.1, 0.5):
+        ours = _value_and_grads(lambda x, y, t: nt_xent_loss(x, y, t), a, b, temperature)
+        ref = _value_and_grads(reference_nt_xent, a, b, temperature)
+        _assert_float64_close(ours, ref)
+    assert nt_xent_loss(a, b, 0.1).dtype == torch.float32
+    with pytest.raises(ValueError, match="two views"):
+        nt_xent_loss(a, b[:4], 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        nt_xent_loss(a, b, 0.0)
+
+
+def test_nt_xent_is_lower_for_two_identical_views_than_for_unrelated_ones() -> None:
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    same, unrelated = nt_xent_loss(a, a, 0.1), nt_xent_loss(a, b, 0.1)
+    assert same.item() < unrelated.item() - 1.0
+
+
+def test_slip_loss_is_the_contrastive_loss_on_view_zero_plus_weighted_simclr_on_both() -> None:
+    from clipcraft.model import ClipOutput
+
+    torch.manual_seed(0)
+    ssl = SimClrLoss(in_features=6, hidden=8, dim=4, temperature=0.2)
+    slip = SlipLoss(ClipLoss(), ssl, weight=0.5)
+    img, txt = _embeddings(8, 5, seed=2)  # 8 image rows: two views of 4 images
+    feats = torch.randn(8, 6)
+    out = ClipOutput(img, txt[:4], torch.tensor(10.0), torch.tensor(0.0), image_features=feats)
+    expected = clip_loss(img[0::2], txt[:4], 10.0) + 0.5 * ssl(feats[0::2], feats[1::2])
+    torch.testing.assert_close(slip(out), expected)
+    assert slip.last_ssl.item() == pytest.approx(ssl(feats[0::2], feats[1::2]).item())
+    assert {n.split(".")[0] for n, _ in slip.named_parameters()} == {"ssl"}  # the head is the loss's
+    with pytest.raises(ValueError, match="two views"):
+        slip(ClipOutput(img[:7], txt[:7], torch.tensor(10.0), torch.tensor(0.0), image_features=feats[:7]))
+    with pytest.raises(ValueError, match="positive"):
+        SlipLoss(ClipLoss(), ssl, weight=0.0)

@@ -218,3 +218,51 @@ def test_low_resolution_blurs_the_picked_images_only() -> None:
     expected = torch.nn.functional.interpolate(small, size=(64, 64), mode="bicubic").clamp(0, 1)
     torch.testing.assert_close(out, expected)
     assert out.std() < x.std()  # detail gone
+
+
+def _write_variants(root: Path, captions: int, variants: int, dim: int = 384) -> np.ndarray:
+    feats = np.random.default_rng(7).standard_normal((variants, captions, dim)).astype(np.float32)
+    scale = np.abs(feats).max(axis=2, keepdims=True) / 127
+    np.save(root / "train-text-variants-int8.npy", np.round(feats / scale).astype(np.int8))
+    np.save(root / "train-text-variants-scale.npy", scale.astype(np.float32))
+    return feats
+
+
+def test_packed_caption_variants_are_the_features_of_the_augmented_captions(tmp_path: Path) -> None:
+    import clipcraft
+    from clipcraft.data.text_augment import caption_variant
+
+    model = clipcraft.create_model("tiny").eval()
+    captions = ["a dog runs on the grass by the river", "two children play with a red ball", "a cat"]
+    info = sweep._pack_variants(model, captions, 2, 0.5, tmp_path)
+    assert info == {"variants": 2, "strength": 0.5, "seed": 0}
+    q = np.load(tmp_path / "train-text-variants-int8.npy").astype(np.float32)
+    packed = q * np.load(tmp_path / "train-text-variants-scale.npy")  # (2, 3, F)
+    for v in (1, 2):
+        texts = [caption_variant(c, v, 0.5, seed=0) for c in captions]
+        direct = sweep._text_features(model, texts)
+        step = np.abs(direct).max(axis=1, keepdims=True) / 127  # int8 rounding: half a step at most
+        assert np.all(np.abs(packed[v - 1] - direct) <= step / 2 + 1e-6)
+    assert caption_variant(captions[0], 1, 0.5, seed=0) != captions[0]
+
+
+def test_ssl_and_caption_variant_settings_train_and_validate(tmp_path: Path) -> None:
+    _write_split(tmp_path, "train", [5] * 8, seed=1)
+    _write_split(tmp_path, "val", [5] * 4, seed=2)
+    variants = _write_variants(tmp_path, 40, 2)
+    meta = {"preprocess": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}
+    cpu = torch.device("cpu")
+    train, val = sweep.Split(tmp_path, "train", cpu), sweep.Split(tmp_path, "val", cpu)
+    assert train.versions.shape == (3, 40, 384) and torch.equal(train.versions[0], train.text)
+    assert torch.allclose(train.versions[1:], torch.from_numpy(variants), atol=0.05)
+    assert val.versions.shape == (1, 20, 384)  # variants are packed for training only
+    base = {"epochs": 1, "img_size": 32, "batch_size": 4, "warmup_steps": 1}
+    plain = sweep.train_one(base, train, val, meta, cpu)
+    lever = {**base, "ssl_weight": 1.0, "ssl_hidden": 16, "ssl_dim": 8, "text_variants": 2}
+    result = sweep.train_one(lever, train, val, meta, cpu)
+    assert result["final"]["ssl_loss"] > 0 and "ssl_loss" not in plain["final"]
+    assert result["final"]["loss"] != pytest.approx(plain["final"]["loss"], abs=1e-4)
+    assert np.isfinite(result["final"]["recall_mean"])
+    # without the packed variants a setting that asks for them stops with the fix
+    with pytest.raises(SystemExit, match="--text-variants 3"):
+        sweep.train_one({**base, "text_variants": 3}, train, val, meta, cpu)

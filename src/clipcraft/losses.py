@@ -1,4 +1,5 @@
-"""Contrastive losses over normalised embeddings, separate from the model.
+"""Contrastive losses over normalised embeddings, separate from the model, and SLIP's image self-supervision
+(:class:`SlipLoss`: the contrastive loss plus a SimCLR term, whose projection head the loss owns).
 
 Both losses take image embeddings (B, D) and text embeddings (B*k, D), L2-normalised, where text rows
 i*k ... i*k+k-1 are the k captions of image i (k = 1: row i of each is a matching pair), and the model's
@@ -14,6 +15,7 @@ across ranks every parameter receives exactly the single-process gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -157,6 +159,123 @@ class SigLipLoss(nn.Module):
             output.logit_bias,
             distributed=self.distributed,
         )
+
+
+def nt_xent_loss(view_a: Tensor, view_b: Tensor, temperature: float, *, distributed: bool = False) -> Tensor:
+    """SimCLR's NT-Xent loss between two views of the same B samples.
+
+    Each of the 2B vectors (row i of ``view_a`` and of ``view_b``, L2-normalised here) is a query whose
+    positive is the other view of sample i and whose negatives are the other 2B - 2 vectors; the loss is the
+    mean over the 2B queries of the cross-entropy of the positive against all vectors but the query itself,
+    over cosine similarities divided by ``temperature``. With ``distributed=True`` the candidates are the
+    2NB vectors of all ranks (gathered with gradient, as for :func:`clip_loss`, with the same contract: the
+    mean of the ranks' losses is the single-process loss on the global batch).
+
+    Args:
+        view_a, view_b: (B, D) projections of the two views, any scale; B >= 1.
+        temperature: > 0.
+
+    Returns: scalar loss in float32 (float64 for float64 inputs). Raises ``ValueError`` for views of different
+    shapes or a non-positive temperature.
+    """
+    if view_a.shape != view_b.shape or view_a.ndim != 2 or view_a.shape[0] == 0:
+        raise ValueError(
+            f"the two views must both be (B, D), B >= 1; got {tuple(view_a.shape)} and {tuple(view_b.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    a, b = _at_least_float32(view_a, view_b)
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    all_a, all_b, offset = _columns(a, b, distributed)
+    batch, total = a.shape[0], all_a.shape[0]
+    logits = torch.cat([a, b]) @ torch.cat([all_a, all_b]).T / temperature  # (2B, 2NB)
+    own = torch.arange(batch, device=a.device) + offset  # this rank's samples among the columns
+    self_cols = torch.cat([own, own + total])  # each query's own column, left out of its softmax
+    positive = torch.cat([own + total, own])  # the other view of the same sample
+    query = torch.arange(2 * batch, device=a.device)
+    is_self = torch.zeros_like(logits, dtype=torch.bool)
+    is_self[query, self_cols] = True
+    return F.cross_entropy(logits.masked_fill(is_self, float("-inf")), positive)
+
+
+class SimClrLoss(nn.Module):
+    """SLIP's image self-supervision: a projection MLP (the loss's own parameters, not the model's) on the
+    image tower's pooled features, then :func:`nt_xent_loss` between two views.
+
+    The MLP is SLIP's three layers (``in_features`` -> ``hidden`` -> ``hidden`` -> ``dim``; SLIP uses
+    4096-4096-256 on ViT-B) with LayerNorm in place of SLIP's BatchNorm, so that a row's projection does not
+    depend on the rest of the batch: gradient accumulation and the distributed split give the loss of the
+    full batch.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int = 512,
+        dim: int = 128,
+        temperature: float = 0.1,
+        distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        if min(in_features, hidden, dim) < 1 or temperature <= 0:
+            raise ValueError(
+                f"SimCLR head sizes must be >= 1 and the temperature > 0; got in_features={in_features}, "
+                f"hidden={hidden}, dim={dim}, temperature={temperature}"
+            )
+        self.head = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.LayerNorm(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.LayerNorm(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, dim),
+        )
+        self.temperature = temperature
+        self.distributed = distributed
+
+    def forward(self, features_a: Tensor, features_b: Tensor) -> Tensor:
+        """(B, F) pooled features of view a and view b of the same B images -> scalar NT-Xent loss."""
+        dtype = self.head[0].weight.dtype  # features from a bf16 autocast tower meet the head's own dtype
+        return nt_xent_loss(
+            self.head(features_a.to(dtype)),
+            self.head(features_b.to(dtype)),
+            self.temperature,
+            distributed=self.distributed,
+        )
+
+
+class SlipLoss(nn.Module):
+    """SLIP (arXiv 2112.12750): a contrastive image-text loss plus ``weight`` x :class:`SimClrLoss` on two
+    views of each image.
+
+    The output's image rows come in pairs: rows 2i and 2i+1 are two augmented views of image i (2B image
+    rows for B images and their B*k text rows). View 0 (the even rows) is the image-text pair's view and
+    meets the texts in ``contrastive``; the pooled features of both views meet in ``ssl``. So a step runs the
+    image tower once more per image, not twice more as in SLIP, whose image-text view is a third one. With
+    patch dropout both views are thinned independently: a further augmentation for the SimCLR term.
+    ``last_ssl`` holds the last self-supervised term (detached), for the log.
+    """
+
+    views = 2
+
+    def __init__(self, contrastive: nn.Module, ssl: SimClrLoss, weight: float) -> None:
+        super().__init__()
+        if weight <= 0:
+            raise ValueError(f"a SLIP loss needs a positive self-supervision weight; got {weight}")
+        self.contrastive = contrastive
+        self.ssl = ssl
+        self.weight = weight
+        self.last_ssl = torch.zeros(())
+
+    def forward(self, output: ClipOutput) -> Tensor:
+        features, embeddings = output.image_features, output.image_embeddings
+        if features is None or embeddings is None or features.shape[0] % 2:
+            raise ValueError("SlipLoss needs the image features and embeddings of two views of every image")
+        pair = dataclasses.replace(output, image_embeddings=embeddings[0::2], image_features=features[0::2])
+        ssl = self.ssl(features[0::2], features[1::2])
+        self.last_ssl = ssl.detach()
+        return self.contrastive(pair) + self.weight * ssl
 
 
 def build_loss(name: str, distributed: bool = False, label_smoothing: float = 0.0) -> nn.Module:

@@ -45,12 +45,16 @@ class ClipOutput:
     text_embeddings: (B, D) float, L2-normalised.
     logit_scale: scalar tensor, the multiplier exp(log scale) (not its log).
     logit_bias: scalar tensor, the sigmoid loss's bias.
+    image_features: (B, F_img) the image tower's pooled features the image embeddings were projected from
+        (the cached features when those were given), for losses with a head of their own (SLIP's
+        self-supervision, :class:`~clipcraft.losses.SlipLoss`); ``None`` without images.
     """
 
     image_embeddings: Tensor | None
     text_embeddings: Tensor | None
     logit_scale: Tensor
     logit_bias: Tensor
+    image_features: Tensor | None = None
 
     def logits_per_image(self) -> Tensor:
         """(B_img, B_txt) scaled similarities."""
@@ -141,6 +145,7 @@ class ClipModel(nn.Module):
             text_embeddings=None if text_features is None else self.embed_text_features(text_features),
             logit_scale=self.logit_scale.exp(),
             logit_bias=self.logit_bias,
+            image_features=image_features,
         )
 
     @torch.no_grad()

@@ -118,6 +118,22 @@ class TrainConfig:
     learn_logit_scale: bool = True  # False: the temperature stays at the model's initial value
     label_smoothing: float = 0.0  # clip loss only: 1 - eps on the match(es), eps spread over all columns
     ema_decay: float = 0.0  # > 0: validate, save and test an exponential moving average of the weights
+    # SLIP (arXiv 2112.12750): > 0 adds ssl_weight x a SimCLR (NT-Xent) loss between two random crops of each
+    # training image (the image-text crop and one more: one extra image-tower pass per image; with
+    # patch_dropout both crops are thinned). Negatives come from every rank under torchrun. Needs a trainable
+    # image tower and augment=true; map-style data only. The projection MLP (features -> ssl_hidden ->
+    # ssl_hidden -> ssl_dim; SLIP's 4096-4096-256 suits ViT-B, these defaults towers of 192-768 features) is
+    # the loss's own: trained at lr_heads, kept in the checkpoint, not in the saved model (losses.SlipLoss).
+    ssl_weight: float = 0.0
+    ssl_temperature: float = 0.1  # NT-Xent temperature (SimCLR's and SLIP's 0.1)
+    ssl_hidden: int = 512  # the SimCLR MLP's hidden width
+    ssl_dim: int = 128  # its output width
+    # CLIP-rocket-style caption augmentation (EDA without synonyms: word deletion, swap, insertion; see
+    # clipcraft.data.text_augment). > 0: each caption gets this many fixed variants and every sample shows the
+    # original or one of them, drawn per epoch from the seed. A locked, cached text tower encodes the variants
+    # once (V+1 caches); otherwise the loader edits the caption before tokenizing. Map-style data only.
+    text_augment_variants: int = 0
+    text_augment_strength: float = 0.1  # fraction of a caption's words each variant edits, in (0, 1]
     grad_accum_steps: int = 1  # split each batch into micro-batches; the loss stays the full-batch loss
     loss: str = "clip"  # clip | siglip
     captions_per_image: int = 1  # captions of each image in every step (k > 1 needs a cached text tower)

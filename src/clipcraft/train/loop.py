@@ -28,8 +28,9 @@ from clipcraft.data import (
     open_dataset,
     validate,
 )
+from clipcraft.data.text_augment import caption_variant, variant_choice
 from clipcraft.errors import ClipcraftError
-from clipcraft.losses import build_loss
+from clipcraft.losses import SimClrLoss, SlipLoss, build_loss
 from clipcraft.model import ClipModel, ClipOutput, create_model, load
 from clipcraft.train.checkpoint import load_checkpoint
 from clipcraft.train.config import TrainConfig, tower_overrides
@@ -40,10 +41,11 @@ from clipcraft.train.features import (
     build_or_load_cache,
     build_or_load_caption_cache,
 )
-from clipcraft.train.optim import build_optimizer, build_scheduler, param_groups
+from clipcraft.train.optim import build_optimizer, build_scheduler, loss_groups, param_groups
 from clipcraft.train.run import Run, seed_everything
 from clipcraft.train.runlog import RunLog
 from clipcraft.train.runtime import Runtime, open_runtime
+from clipcraft.train.text_variants import CaptionVariantCache, variant_dataset
 from clipcraft.train.validation import validate_model
 
 if TYPE_CHECKING:  # the webdataset library is an extra: imported where shards are streamed
@@ -95,12 +97,13 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
     # -- data: read, check before training, and open the validation split
     fmt = detect_format(config.data) if config.data_format is None else config.data_format
     train_split, val_split, test_split = _splits(config, fmt)
+    _check_levers(config, model, fmt)
     epochs, batch_size, loader_config = config.optim.epochs, config.optim.batch_size, config.loader
     transform = model.image_transform(
         train=loader_config.augment, scale=loader_config.crop_scale, hflip=config.hflip
     )
     image_cache = index_map = None
-    text_cache: FeatureCache | CaptionFeatures | None = None
+    text_cache: FeatureCache | CaptionFeatures | CaptionVariantCache | None = None
     if fmt == "webdataset":  # streamed: no scan before training (bad samples are counted as they come)
         data: _MapBatches | _StreamBatches = _StreamBatches(config, model, transform, rt, checkpoint, log)
         text_cache = data.text_cache  # a locked text tower's features, keyed by caption
@@ -118,7 +121,14 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
         sampler = CaptionGroupedBatchSampler(
             train_set, batch_size, seed=config.run.seed, num_replicas=rt.world_size, rank=rt.rank
         )
-        items = _TrainItems(train_set, None if image_cache is not None else transform, seed=config.run.seed)
+        items = _TrainItems(
+            train_set,
+            None if image_cache is not None else transform,
+            seed=config.run.seed,
+            views=SlipLoss.views if config.ssl_weight else 1,
+            text_variants=0 if text_cache is not None else config.text_augment_variants,  # cached: rows
+            text_strength=config.text_augment_strength,
+        )
         loader = DataLoader(
             items,
             batch_sampler=_EpochKeys(sampler),
@@ -133,7 +143,9 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
     steps_per_epoch = data.steps
     total_steps = steps_per_epoch * epochs
 
+    loss_fn = _build_loss(config, model, rt)
     groups = param_groups(model, config.learning_rates(), config.optim.weight_decay)
+    groups += loss_groups(loss_fn, config.lr_heads, config.optim.weight_decay)  # SLIP's SimCLR head
     optimizer = build_optimizer(groups, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     load_report = BadDataReport(config.data)  # images that failed to decode while training
@@ -142,6 +154,8 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
         model.load_state_dict(checkpoint["model"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
+        if config.ssl_weight:
+            loss_fn.load_state_dict(checkpoint["loss"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         load_report = BadDataReport.from_dict(checkpoint["load_report"])
@@ -151,7 +165,6 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
-    loss_fn = build_loss(config.loss, distributed=rt.distributed, label_smoothing=config.label_smoothing)
 
     def training_state() -> dict[str, Any]:
         return {
@@ -160,6 +173,7 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
             "scheduler": scheduler.state_dict(),
             "load_report": load_report.to_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {}),
+            **({"loss": loss_fn.state_dict()} if config.ssl_weight else {}),  # the SimCLR head
             **data.state(state["epoch"], state["batch"]),
         }
 
@@ -178,6 +192,8 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
         epoch = state["epoch"]
         model.train()
         bar = run.progress(steps_per_epoch, epochs)
+        if isinstance(text_cache, CaptionVariantCache):
+            text_cache.set_epoch(epoch)  # which caption variant each sample shows is drawn per epoch
         for batch, caption_indices in data.epoch(epoch, state["batch"]):
             load_report.record_batch(len(batch), batch.bad)
             size = rt.min_int(len(batch))  # every rank must gather the same number of rows
@@ -187,8 +203,10 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
             loss = _train_step(
                 config, model, ddp_model, loss_fn, batch, caption_indices, size, image_cache, text_cache, index_map, rt
             )  # fmt: skip
+            rt.average_gradients(loss_fn.parameters())  # DDP averages the model's; the loss's head is ours
             if config.optim.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
+                trained = [*model.parameters(), *loss_fn.parameters()]
+                torch.nn.utils.clip_grad_norm_(trained, config.optim.grad_clip_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -208,6 +226,7 @@ def _train(config: TrainConfig, rt: Runtime, resume: str | Path | None) -> Train
                         "epoch": epoch,
                         "loss": loss_value,
                         "logit_scale": model.logit_scale.exp().item(),
+                        **({"ssl_loss": rt.mean(float(loss_fn.last_ssl))} if config.ssl_weight else {}),
                         "samples_per_s": rate,
                         **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
                     }
@@ -253,14 +272,15 @@ def _train_step(
     caption_indices: torch.Tensor,
     size: int,
     image_cache: FeatureCache | None,
-    text_cache: FeatureCache | CaptionFeatures | None,
+    text_cache: FeatureCache | CaptionFeatures | CaptionVariantCache | None,
     index_map: np.ndarray | None,
     rt: Runtime,
 ) -> torch.Tensor:
     """Forward, loss and backward for one batch (the first ``size`` pairs). With ``grad_accum_steps`` > 1 the
     batch runs as micro-batches but the loss is still the full-batch contrastive loss: every micro-batch's
     embeddings are first computed without gradient, then each micro-batch is recomputed with gradient and
-    contrasted against the others' cached embeddings.
+    contrasted against the others' cached embeddings. With SLIP's self-supervision the images come as
+    (B, 2, C, H, W) views and run as 2B image rows, rows 2i and 2i+1 the views of image i.
 
     ``caption_indices``: (B,) the first caption of each image (map-style data; ignored without a text cache),
     or (B, k) the rows of each image's k captions in a caption-keyed cache (streamed shards)."""
@@ -271,7 +291,8 @@ def _train_step(
     if image_cache is not None:
         inputs["image_features"] = image_cache.rows(original).to(device)
     else:
-        inputs["images"] = batch.images[:size].to(device, non_blocking=True)
+        pixels = batch.images[:size].to(device, non_blocking=True)  # (B, C, H, W), or (B, V, C, H, W): views
+        inputs["images"] = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels
     captions = config.captions_per_image
     if isinstance(text_cache, CaptionFeatures):  # streamed: the collate looked up the rows of the captions
         inputs["text_features"] = text_cache.take(caption_indices[:size]).to(device)  # (B*k, F)
@@ -290,11 +311,13 @@ def _train_step(
         return loss.detach()
 
     chunks = [c for c in torch.arange(size).chunk(accum) if len(c)]
-    parts = [_slice(inputs, c, captions) for c in chunks]
+    views = SlipLoss.views if config.ssl_weight else 1
+    parts = [_slice(inputs, c, captions, views) for c in chunks]
     with torch.no_grad(), rt.autocast():
         cached = [model(**p) for p in parts]
     images = [c.image_embeddings for c in cached]
     texts = [c.text_embeddings for c in cached]
+    features = [c.image_features for c in cached]
     total = torch.zeros((), device=device)
     for j, part in enumerate(parts):
         sync = (
@@ -308,24 +331,30 @@ def _train_step(
                 text_embeddings=torch.cat(texts[:j] + [out.text_embeddings] + texts[j + 1 :]),
                 logit_scale=out.logit_scale,
                 logit_bias=out.logit_bias,
+                image_features=torch.cat(features[:j] + [out.image_features] + features[j + 1 :]),
             )
             loss = loss_fn(full)
             loss.backward()
             total = loss.detach()
-    for param in (model.logit_scale, model.logit_bias):  # each micro-step added the full-batch gradient
+    # the loss's own parameters (temperature, bias, SimCLR head) met every row in every micro-step: each
+    # micro-step added the full-batch gradient
+    for param in (model.logit_scale, model.logit_bias, *loss_fn.parameters()):
         if param.grad is not None:
             param.grad /= len(parts)
     return total
 
 
-def _slice(inputs: dict[str, Any], rows: torch.Tensor, captions: int) -> dict[str, Any]:
-    """The model inputs of image rows ``rows``; cached text features hold ``captions`` rows per image."""
+def _slice(inputs: dict[str, Any], rows: torch.Tensor, captions: int, views: int = 1) -> dict[str, Any]:
+    """The model inputs of image rows ``rows``; cached text features hold ``captions`` rows per image, and
+    images ``views`` rows per image."""
     out: dict[str, Any] = {}
     for key, value in inputs.items():
         if isinstance(value, dict):
             out[key] = {k: v[rows] for k, v in value.items()}
         elif key == "text_features":
             out[key] = value[(rows[:, None] * captions + torch.arange(captions)).reshape(-1)]
+        elif key == "images":
+            out[key] = value[(rows[:, None] * views + torch.arange(views)).reshape(-1)]
         else:
             out[key] = value[rows]
     return out
@@ -337,12 +366,29 @@ def _slice(inputs: dict[str, Any], rows: torch.Tensor, captions: int) -> dict[st
 class _TrainItems(Dataset):
     """Training pairs keyed by ``(image, caption, epoch)``. Augmentation is seeded from (seed, epoch, image),
     so the same sample gets the same crop whichever worker loads it: a resumed run sees exactly the data an
-    uninterrupted one would. Without a transform (cached image features) images are not even read."""
+    uninterrupted one would. Without a transform (cached image features) images are not even read.
 
-    def __init__(self, dataset: CaptionDataset, transform: Any, seed: int) -> None:
-        self.dataset = dataset.with_transforms(transform) if transform is not None else dataset
+    ``views`` > 1 (SLIP): the image is a (views, C, H, W) stack of crops of the decoded image, view 0 seeded
+    as the single view is and view v from (seed, epoch, image, v). ``text_variants`` > 0: the caption is
+    the original or one of its variants, as :mod:`clipcraft.data.text_augment` draws them."""
+
+    def __init__(
+        self,
+        dataset: CaptionDataset,
+        transform: Any,
+        seed: int,
+        views: int = 1,
+        text_variants: int = 0,
+        text_strength: float = 0.0,
+    ) -> None:
+        several = transform is not None and views > 1  # then the transform runs here, once per view
+        self.dataset = (
+            dataset.with_transforms(transform) if transform is not None and not several else dataset
+        )
+        self.transform = transform if several else None
         self.load_images = transform is not None
-        self.seed = seed
+        self.seed, self.views = seed, views
+        self.text_variants, self.text_strength = text_variants, text_strength
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -350,17 +396,36 @@ class _TrainItems(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[Any, str, int, int] | BadItem:
         index, caption_index, epoch = key
         if not self.load_images:
-            return (None, self.dataset.records[index].captions[caption_index], index, caption_index)
+            caption = self.dataset.records[index].captions[caption_index]
+            return (None, self._caption(caption, epoch, index, caption_index), index, caption_index)
         sample_seed = hash((self.seed, epoch, index)) % (2**63)
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            item = self.dataset[index, caption_index]
-        random.setstate(py_state)
+        item = _seeded(sample_seed, self.dataset.__getitem__, (index, caption_index))
         if isinstance(item, BadItem):
             return item
-        return (item.image, item.caption, item.index, caption_index)
+        image = item.image
+        if self.transform is not None:  # view 0 gets the crop a one-view run gets; view v > 0 its own
+            seeds = [sample_seed] + [
+                hash((self.seed, epoch, index, v)) % (2**63) for v in range(1, self.views)
+            ]
+            image = torch.stack([_seeded(seed, self.transform, image) for seed in seeds])  # (views, C, H, W)
+        return (image, self._caption(item.caption, epoch, index, caption_index), item.index, caption_index)
+
+    def _caption(self, caption: str, epoch: int, index: int, caption_index: int) -> str:
+        if not self.text_variants:
+            return caption
+        variant = int(variant_choice(self.seed, epoch, index, caption_index, self.text_variants))
+        return caption_variant(caption, variant, self.text_strength, self.seed)
+
+
+def _seeded(seed: int, fn: Any, arg: Any) -> Any:
+    """``fn(arg)`` with torch's and Python's global generators seeded by ``seed``, both restored after."""
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        out = fn(arg)
+    random.setstate(py_state)
+    return out
 
 
 class _TrainCollate:
@@ -581,6 +646,60 @@ def _check_captions_per_image(config: TrainConfig, model: ClipModel) -> None:
         )
 
 
+def _check_levers(config: TrainConfig, model: ClipModel, fmt: str) -> None:
+    """SLIP's self-supervision and caption augmentation: refuse settings they cannot honour, before any
+    work."""
+    if config.ssl_weight < 0:
+        raise ClipcraftError(f"ssl_weight must be >= 0 (0: off), got {config.ssl_weight}.")
+    if config.ssl_weight > 0:
+        if config.ssl_temperature <= 0 or min(config.ssl_hidden, config.ssl_dim) < 1:
+            raise ClipcraftError(
+                f"ssl_temperature must be > 0 and ssl_hidden, ssl_dim >= 1; got {config.ssl_temperature}, "
+                f"{config.ssl_hidden}, {config.ssl_dim}."
+            )
+        if model.image_tower.fully_locked:
+            raise ClipcraftError(
+                "ssl_weight > 0 self-supervises the image tower, but lock_image=true with no unlocked groups "
+                "leaves nothing of it to train (and its features may come from the cache, with no image pass "
+                "at all). Set image_unlocked_groups=N, lock_image=false, or ssl_weight=0."
+            )
+        if not config.loader.augment:
+            raise ClipcraftError(
+                "ssl_weight > 0 contrasts two random crops of each image; with augment=false both views are "
+                "the same centre crop. Set augment=true or ssl_weight=0."
+            )
+    if config.text_augment_variants < 0:
+        raise ClipcraftError(
+            f"text_augment_variants must be >= 0 (0: off), got {config.text_augment_variants}."
+        )
+    if config.text_augment_variants > 0 and not 0 < config.text_augment_strength <= 1:
+        raise ClipcraftError(
+            f"text_augment_strength is the fraction of words each variant edits, in (0, 1]; got "
+            f"{config.text_augment_strength}."
+        )
+    if fmt == "webdataset" and (config.ssl_weight or config.text_augment_variants):
+        raise ClipcraftError(
+            "ssl_weight and text_augment_variants work with map-style data (Flickr, CSV/JSONL, COCO, image "
+            "folders), not with streamed WebDataset shards yet: set them to 0 or train from a map-style dataset."
+        )
+
+
+def _build_loss(config: TrainConfig, model: ClipModel, rt: Runtime) -> torch.nn.Module:
+    """The run's loss on the device: CLIP or SigLIP, wrapped with SLIP's SimCLR term when ``ssl_weight`` > 0
+    (its projection head is built here, from the seeded global generator)."""
+    loss = build_loss(config.loss, distributed=rt.distributed, label_smoothing=config.label_smoothing)
+    if not config.ssl_weight:
+        return loss
+    ssl = SimClrLoss(
+        model.image_tower.num_features,
+        hidden=config.ssl_hidden,
+        dim=config.ssl_dim,
+        temperature=config.ssl_temperature,
+        distributed=rt.distributed,  # negatives from every rank, as the contrastive loss's
+    )
+    return SlipLoss(loss, ssl, config.ssl_weight).to(rt.device)
+
+
 def _splits(config: TrainConfig, fmt: str) -> tuple[str, str | None, str | None]:
     """(train, validation, test) split names for this format; ``auto`` picks the format's own names."""
     train_name, val_name, test_name = SPLITS.get(fmt, ("all", None, None))
@@ -615,10 +734,11 @@ def _feature_caches(
     rt: Runtime,
     report: BadDataReport,
     log: RunLog,
-) -> tuple[FeatureCache | None, FeatureCache | None, np.ndarray | None]:
-    """Caches for locked towers (image: only when training images are not augmented). Rank 0 computes,
-    the others wait and then read. Images that failed to load are dropped: the returned ``index_map`` maps
-    the kept images to their rows in the caches."""
+) -> tuple[FeatureCache | None, FeatureCache | CaptionVariantCache | None, np.ndarray | None]:
+    """Caches for locked towers (image: only when training images are not augmented; text: with its caption
+    variants when ``text_augment_variants`` > 0). Rank 0 computes, the others wait and then read. Images that
+    failed to load are dropped: the returned ``index_map`` maps the kept images to their rows in the
+    caches."""
     cache_dir = _cache_dir(config)
     caches: dict[str, FeatureCache] = {}
     for tower in _cached_towers(config, model):
@@ -638,6 +758,8 @@ def _feature_caches(
         caches[tower] = cache
         log.info(f"{tower} features {'read from' if reused else 'cached in'} {cache_dir}")
     image_cache, text_cache = caches.get("image"), caches.get("text")
+    if text_cache is not None and config.text_augment_variants:
+        text_cache = _caption_variants(config, model, dataset, text_cache, cache_dir, rt, log)
     if image_cache is None and text_cache is None:
         return None, None, None
     keep = np.flatnonzero(image_cache.ok) if image_cache is not None else np.arange(len(dataset))
@@ -686,6 +808,38 @@ def _main_rank_first(rt: Runtime) -> Iterator[None]:
     yield
     if rt.is_main:
         rt.barrier()
+
+
+def _caption_variants(
+    config: TrainConfig,
+    model: ClipModel,
+    dataset: CaptionDataset,
+    originals: FeatureCache,
+    cache_dir: Path,
+    rt: Runtime,
+    log: RunLog,
+) -> CaptionVariantCache:
+    """The text cache of the original captions plus one cache per caption variant, each keyed (as any text
+    cache) on the captions it holds, so a run with other variants never reads these. Rank 0 computes."""
+    caches = [originals]
+    for variant in range(1, config.text_augment_variants + 1):
+        captions = variant_dataset(dataset, variant, config.text_augment_strength, config.run.seed)
+        with _main_rank_first(rt):
+            cache, _, reused = build_or_load_cache(
+                model,
+                captions,
+                "text",
+                cache_dir,
+                batch_size=config.loader.eval_batch_size,
+                num_workers=config.loader.num_workers,
+                precision=rt.precision,
+                progress=rt.is_main,
+            )
+        caches.append(cache)
+        log.info(
+            f"text features of caption variant {variant} {'read from' if reused else 'cached in'} {cache_dir}"
+        )
+    return CaptionVariantCache(caches, config.run.seed)
 
 
 # -- end of epoch and end of run -------------------------------------------------------------------------------

@@ -49,6 +49,16 @@ def param_groups(model: nn.Module, rates: Mapping[str, float], weight_decay: flo
     ]
 
 
+def loss_groups(loss: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """Groups for a loss's own trainable parameters (SLIP's SimCLR head), named ``ssl_head`` and
+    ``ssl_head_no_decay``, split and decayed as :func:`param_groups` splits a model's heads; none for a loss
+    without parameters."""
+    groups = param_groups(loss, {"heads": lr}, weight_decay)
+    for group in groups:
+        group["name"] = group["name"].replace("heads", "ssl_head")
+    return groups
+
+
 def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (from :func:`param_groups`) with the betas and eps of ``optim``."""
     return torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)  # type: ignore[arg-type]

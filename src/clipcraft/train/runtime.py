@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,16 @@ class Runtime:
         t = torch.tensor([value], dtype=torch.float64, device=self._reduce_device)
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world_size
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Replace each gradient of ``params`` by its mean over all ranks (every rank must call this): for
+        trained parameters outside the DDP-wrapped model, such as a loss's own head."""
+        if not self.distributed:
+            return
+        for param in params:
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.world_size
 
     def record(self) -> dict[str, str]:
         """What a run writes down about where it ran (summary, checkpoint)."""
