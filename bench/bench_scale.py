@@ -451,7 +451,7 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=None)
     parser.add_argument("--train-per-list", type=int, default=32)
     parser.add_argument("--target-recall", type=float, default=0.97)
-    parser.add_argument("--storage", choices=["sq8", "pq"], default="pq", help="index: IVF codes")
+    parser.add_argument("--storage", choices=["sq8", "pq", "pq4fs"], default="pq4fs", help="index: IVF codes")
     parser.add_argument("--refine", type=int, default=8, help="index: candidates re-ranked = k x this")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

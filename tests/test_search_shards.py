@@ -149,7 +149,7 @@ def test_index_from_shards_returns_the_exact_top10(tmp_path: Path, kind: str) ->
     assert len(index) == 2000 and index.path_of(1234) == "v1234" and index.files[601].path == "v601"
 
 
-@pytest.mark.parametrize("storage", ["sq8", "pq"])
+@pytest.mark.parametrize("storage", ["sq8", "pq", "pq4fs"])
 def test_tuned_ivf_from_shards_reaches_its_target_recall(tmp_path: Path, storage: str) -> None:
     data, queries = np.split(_clustered(4100, 32, seed=2), [4000])  # 100 held-out queries, same clusters
     write_arrays_as_shards(

@@ -40,7 +40,8 @@ class IndexConfig:
     hnsw_m: int = 32  # hnsw: links per node
     ef_construction: int = 64  # hnsw: build-time beam width
     ef_search: int | None = None  # hnsw: search beam width; None = tuned at build time
-    ivf_storage: str = "sq8"  # ivf: flat (float32 lists) | sq8 (8-bit codes, 4x less to scan, exact re-rank)
+    ivf_storage: str = "sq8"  # ivf: flat (float32 lists) | sq8 (8-bit codes, 4x less to scan, exact re-rank);
+    # built from embedding shards also pq (8-bit PQ, D/2 bytes) | pq4fs (4-bit PQ fast scan, D/4 bytes)
     refine_factor: int = 4  # ivf sq8: re-rank k * this many candidates with the exact vectors
     train_per_list: int = 64  # ivf: training vectors sampled per list for the coarse quantizer (k-means)
     kmeans_iters: int = 10  # ivf: k-means iterations (quality saturates early on embeddings)

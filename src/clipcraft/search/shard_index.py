@@ -6,8 +6,10 @@
     manifest.json       format clipcraft-index, layout "shards": model, precision, source, counts, index info,
                         metadata offsets
     index.faiss         exact (IndexFlatIP, small collections) or IVF with 8-bit scalar codes (``sq8``, D bytes a
-                        vector) or product-quantizer codes (``pq``, D/2 bytes), whose coarse quantizer is an
-                        HNSW graph over the centroids
+                        vector), 8-bit product-quantizer codes (``pq``, D/2 bytes) or 4-bit product-quantizer
+                        codes scanned with SIMD table lookups (``pq4fs``, FAISS "fast scan", D/4 bytes: about
+                        10x faster to scan and to train than ``pq``), whose coarse quantizer is an HNSW graph
+                        over the centroids
     vectors.npy         (N, D) the stored vectors (float16 or float32 as embedded), for the exact re-rank
     metadata/*.parquet  the shards' key, path and caption columns; row i of the index is row i - offset of
                         the shard holding it
@@ -16,12 +18,13 @@ The build never holds all the vectors: the coarse quantizer is trained on a samp
 vectors per inverted list, read from the shards), then the vectors are added chunk by chunk as
 ``embedding-reader`` streams them from the ``.npy`` shards, and copied to ``vectors.npy`` on the way (plain
 writes and reads: no memory map holds those pages in the build's resident memory). What stays in memory is
-the IVF index (its codes, 8 bytes of id a vector, and up to 2x list over-allocation as the lists grow) and one
-chunk: for 10M x 256-d about 3.6 GB with ``sq8`` and 1.9 GB with ``pq``.
+the IVF index (its codes, 8 bytes of id a vector, the lists' over-allocation as they grow and the allocator's
+free blocks left behind) and one chunk. BENCHMARKS.md "Scaling out" has the measured peaks at 10M x 256-d.
 
 Search: the IVF index finds ``k * refine_factor`` candidates on its codes; their stored vectors are
-read from the memory-mapped ``vectors.npy`` and re-ranked exactly. ``nprobe`` is tuned at build time until
-recall@10 against exact search (leave-one-out, on sampled stored vectors) reaches ``target_recall``.
+read from the memory-mapped ``vectors.npy`` and re-ranked exactly. ``nprobe`` (and, where the codes are too
+coarse for it alone, ``refine_factor``) is tuned at build time until recall@10 against exact search
+(leave-one-out, on sampled stored vectors) reaches ``target_recall``.
 Opening memory-maps ``index.faiss`` (FAISS ``IO_FLAG_MMAP``), ``vectors.npy`` and each metadata shard as it
 is first needed, so a large index opens in about the time it takes to read its manifest.
 
@@ -198,16 +201,19 @@ def build_index_from_shards(
         nlist = config.nlist or max(1, min(int(2 * math.sqrt(n)), n // 39))
         quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         quantizer.hnsw.efSearch = ADD_EF_SEARCH  # assigning vectors to lists while adding
-        if config.ivf_storage == "pq":  # d/2 bytes a vector (2 dims per 8-bit code): half of sq8's memory
-            m = d // 2 if d % 2 == 0 else d
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        if config.ivf_storage in ("pq", "pq4fs"):
+            m = d // 2 if d % 2 == 0 else d  # 2 dims per sub-quantizer
+            if config.ivf_storage == "pq":  # 8-bit codes: d/2 bytes a vector, half of sq8's
+                index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+            else:  # 4-bit codes scanned with SIMD lookups ("fast scan"): d/4 bytes a vector
+                index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
         elif config.ivf_storage == "sq8":
             index = faiss.IndexIVFScalarQuantizer(
                 quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
         else:
             raise ClipcraftError(
-                f"ivf_storage from shards must be 'sq8' or 'pq'; got {config.ivf_storage!r}."
+                f"ivf_storage from shards must be 'sq8', 'pq' or 'pq4fs'; got {config.ivf_storage!r}."
             )
         index.clustering_index = faiss.IndexFlatIP(d)  # k-means assigns exactly (BLAS), not through the graph
         index.cp.niter = config.kmeans_iters
@@ -283,9 +289,20 @@ def _log_memory(phase: str) -> None:
     print(f"[build] {phase}: VmRSS {status['VmRSS'].strip()}, VmHWM {status['VmHWM'].strip()}", flush=True)
 
 
+REFINE_STEPS = (
+    1,
+    2,
+    4,
+    8,
+)  # tuning tries refine_factor times these when nprobe alone cannot reach the target
+
+
 def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """The smallest ``nprobe`` whose recall@10 (leave-one-out on sampled stored vectors, against exact search
-    over all of them) reaches ``config.target_recall``; or ``config.nprobe`` when given."""
+    """The cheapest ``(refine_factor, nprobe)`` whose recall@10 (leave-one-out on sampled stored vectors,
+    against exact search over all of them) reaches ``config.target_recall``: the smallest ``nprobe`` at
+    ``config.refine_factor``, else at 2x, 4x, 8x the candidates re-ranked (coarse codes such as ``pq4fs`` rank
+    the true neighbours lower, and re-ranking more of them is cheaper than scanning more lists); or
+    ``config.nprobe`` and ``config.refine_factor`` as given."""
     faiss = import_faiss()
     ivf = faiss.extract_index_ivf(index)
     rows = _NpyRows(path)
@@ -298,16 +315,23 @@ def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator)
         ivf.nprobe = ivf.nlist
         return {"nprobe": int(ivf.nlist), "tuned_recall_at_10": 1.0}
     truth = _without_self(exact_topk(rows, queries, k + 1), picked, k)
-    values = [config.nprobe] if config.nprobe else [v for v in KNOBS if v < ivf.nlist] + [ivf.nlist]
-    chosen, recall = values[-1], 0.0
-    for value in values:
-        ivf.nprobe = int(value)
-        _, found = rerank(index, vectors, queries, k + 1, config.refine_factor)
-        chosen, recall = value, recall_at_k(_without_self(found, picked, k), truth)
+    if config.nprobe:
+        probes, refines = [config.nprobe], [config.refine_factor]
+    else:
+        probes = [v for v in KNOBS if v < ivf.nlist] + [ivf.nlist]
+        refines = [config.refine_factor * step for step in REFINE_STEPS]
+    chosen, recall = (probes[-1], refines[-1]), 0.0
+    for refine in refines:
+        for value in probes:
+            ivf.nprobe = int(value)
+            _, found = rerank(index, vectors, queries, k + 1, refine)
+            chosen, recall = (value, refine), recall_at_k(_without_self(found, picked, k), truth)
+            if recall >= config.target_recall:
+                break
         if recall >= config.target_recall:
             break
-    ivf.nprobe = int(chosen)
-    return {"nprobe": int(chosen), "tuned_recall_at_10": round(recall, 4)}
+    ivf.nprobe = int(chosen[0])
+    return {"nprobe": int(chosen[0]), "refine_factor": int(chosen[1]), "tuned_recall_at_10": round(recall, 4)}
 
 
 def _without_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
