@@ -24,7 +24,7 @@ Usage:
     .venv/bin/python bench/bench_scale.py --only loader
     .venv/bin/python bench/bench_scale.py --only train --epochs 3
     .venv/bin/python bench/bench_scale.py --only ddp --steps 8
-    .venv/bin/python bench/bench_scale.py --only index --n 10000000 --work /tmp/scale-bench
+    .venv/bin/python bench/bench_scale.py --only index --n 10000000 --work /tmp/scale-bench [--phase build|search]
 """
 
 from __future__ import annotations
@@ -364,14 +364,37 @@ def bench_index(args: argparse.Namespace) -> None:
         f"train_per_list={args.train_per_list}, nlist={args.nlist}, ivf_storage='{args.storage}', "
         f"refine_factor={args.refine})); print(json.dumps(m['index']))"
     )
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", build, str(emb), str(idx)], capture_output=True, text=True)
-    build_s = time.perf_counter() - t
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"build: {build_s:.0f} s, peak RSS {peak_gib:.2f} GiB, {info}")
+    built = args.work / f"{idx.name}.build.json"  # the build's figures, for a later --phase search
+    if args.phase in ("all", "build"):
+        t = time.perf_counter()
+        env = {**os.environ, "CLIPCRAFT_LOG_MEMORY": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-c", build, str(emb), str(idx)], capture_output=True, text=True, env=env
+        )
+        build_s = time.perf_counter() - t
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+        lines = proc.stdout.strip().splitlines()
+        info = json.loads(lines[-1])
+        phases = [line for line in lines if line.startswith("[build]")]
+        print(f"build: {build_s:.0f} s, peak RSS {peak_gib:.2f} GiB, {info}", *phases, sep="\n")
+        built.write_text(
+            json.dumps(
+                {
+                    "build_s": build_s,
+                    "peak_gib": peak_gib,
+                    "info": info,
+                    "memory_phases": phases,
+                    "load_during_build": os.getloadavg(),
+                    "threads": os.environ.get("OMP_NUM_THREADS"),
+                }
+            )  # fmt: skip
+        )
+        if args.phase == "build":
+            return
+    saved = json.loads(built.read_text())
+    build_s, peak_gib, info = saved["build_s"], saved["peak_gib"], saved["info"]
 
     opens = []
     for _ in range(3):
@@ -418,6 +441,10 @@ def bench_index(args: argparse.Namespace) -> None:
         "generate_s": gen_s,
         "build_s": build_s,
         "build_peak_rss_gib": peak_gib,
+        "build_memory_phases": saved.get("memory_phases", []),
+        "build_threads": saved.get("threads"),
+        "load_during_build": saved.get("load_during_build"),
+        "load_before_search": os.getloadavg(),
         "index_on_disk_gib": du(idx) / 2**30,
         "index_files_gib": {p.name: p.stat().st_size / 2**30 for p in idx.iterdir() if p.is_file()},
         "open_s": [o[1] for o in opens],
@@ -453,6 +480,13 @@ def main() -> None:
     parser.add_argument("--target-recall", type=float, default=0.97)
     parser.add_argument("--storage", choices=["sq8", "pq", "pq4fs"], default="pq4fs", help="index: IVF codes")
     parser.add_argument("--refine", type=int, default=8, help="index: candidates re-ranked = k x this")
+    parser.add_argument(
+        "--phase",
+        choices=["all", "build", "search"],
+        default="all",
+        help="index: build only, or measure opening/latency/recall of the index a build phase left (so the "
+        "latencies can be taken on a quiet machine)",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.only != "index" and not FLICKR.is_dir():
