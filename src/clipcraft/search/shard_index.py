@@ -149,11 +149,12 @@ def _order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def rerank(
-    index: Any, vectors: np.ndarray, queries: np.ndarray, k: int, refine: int
+    index: Any, vectors: np.ndarray | _NpyRows, queries: np.ndarray, k: int, refine: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of (Q, D) float32 ``queries``: ``k * refine`` candidates from the FAISS ``index``, re-scored
-    exactly against the stored ``vectors`` (N, D). Returns scores and ids (Q, k), best first, ties by lower
-    id; missing slots hold id -1 and score -inf."""
+    exactly against the stored ``vectors`` (N, D): an array (memory-mapped when serving) or, while building,
+    a ``.npy`` file read with plain reads. Returns scores and ids (Q, k), best first, ties by lower id;
+    missing slots hold id -1 and score -inf."""
     _, cand = index.search(queries, k * refine)
     scores = np.full((len(queries), k), -np.inf, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
@@ -161,7 +162,8 @@ def rerank(
         found = np.unique(row[row >= 0])  # sorted: memory-mapped reads in file order
         if not len(found):
             continue
-        sims = np.asarray(vectors[found], dtype=np.float32) @ queries[q]
+        rows = vectors.take(found) if isinstance(vectors, _NpyRows) else vectors[found]
+        sims = np.asarray(rows, dtype=np.float32) @ queries[q]
         order = np.lexsort((found, -sims))[:k]
         scores[q, : len(order)], ids[q, : len(order)] = sims[order], found[order]
     return scores, ids
@@ -309,7 +311,6 @@ def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator)
     n = rows.count
     picked = np.sort(rng.choice(n, min(n, 200), replace=False))
     queries = rows.take(picked)
-    vectors = np.load(path, mmap_mode="r")  # the re-rank reads a few candidate rows
     k = min(10, n - 1)
     if k < 1:
         ivf.nprobe = ivf.nlist
@@ -324,7 +325,9 @@ def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator)
     for refine in refines:
         for value in probes:
             ivf.nprobe = int(value)
-            _, found = rerank(index, vectors, queries, k + 1, refine)
+            # plain reads: a memory map would fault whole pages around every candidate into the build's
+            # resident memory, which over the tuning's many candidates reaches the size of vectors.npy
+            _, found = rerank(index, rows, queries, k + 1, refine)
             chosen, recall = (value, refine), recall_at_k(_without_self(found, picked, k), truth)
             if recall >= config.target_recall:
                 break
