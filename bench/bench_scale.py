@@ -220,6 +220,7 @@ def bench_train(args: argparse.Namespace) -> None:
             "feature_cache": True,
             "cache_dir": str(cache_dir),
             "captions_per_image": captions,
+            **({"num_workers": args.train_workers} if args.train_workers is not None else {}),
         }
         for name, overrides in (
             ("map", {}),
@@ -472,6 +473,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--train-workers", type=int, default=None, help="train: loader workers (default: the recipe's)"
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--n", type=int, default=10_000_000)
     parser.add_argument("--dim", type=int, default=256)
