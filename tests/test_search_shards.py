@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from clipcraft.cli import main
+from clipcraft.errors import ClipcraftError
 from clipcraft.search.ann import IndexConfig, exact_search
 from clipcraft.search.embedding_shards import read_manifest, write_arrays_as_shards
 from clipcraft.search.index import Index
-from clipcraft.search.shard_index import ShardIndex, build_index_from_shards
+from clipcraft.search.shard_index import ShardIndex, build_index_from_shards, retune_index
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,25 @@ def test_cli_index_build_sharded_then_search(
     assert hits[0]["path"] == str(photos / "a" / "p01.png") and hits[0]["score"] == pytest.approx(
         1.0, abs=2e-3
     )
+
+
+def test_retune_index_reaches_a_new_target_without_rebuilding(tmp_path: Path) -> None:
+    data, queries = np.split(_clustered(4100, 32, seed=3), [4000])
+    write_arrays_as_shards(
+        tmp_path / "emb", [(data[:2000], range(2000)), (data[2000:], range(2000, 4000))], dim=32
+    )
+    loose = IndexConfig(kind="ivf", target_recall=0.5, ivf_storage="pq4fs", refine_factor=2)
+    built = build_index_from_shards(tmp_path / "emb", tmp_path / "idx", loose)["index"]
+    faiss_bytes = (tmp_path / "idx" / "index.faiss").read_bytes()
+    info = retune_index(tmp_path / "idx", 0.97)
+    assert info["tuned_recall_at_10"] >= 0.97 > built["tuned_recall_at_10"]
+    assert (info["nprobe"], info["refine_factor"]) != (built["nprobe"], built["refine_factor"])
+    assert (tmp_path / "idx" / "index.faiss").read_bytes() == faiss_bytes  # tuned, not rebuilt
+    index = Index.load(tmp_path / "idx")  # opens with the new settings
+    _, ids = index.search_vectors(queries, 10)
+    _, truth = exact_search(data.astype(np.float16).astype(np.float32), queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist(), strict=True)])
+    assert recall >= 0.95
+    build_index_from_shards(tmp_path / "emb", tmp_path / "flat", IndexConfig(kind="flat"))
+    with pytest.raises(ClipcraftError, match="not an IVF index"):
+        retune_index(tmp_path / "flat", 0.9)

@@ -34,6 +34,7 @@ torch run numpy 2), so the build uses FAISS directly; ``embedding-reader`` does 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -47,7 +48,7 @@ import numpy as np
 
 from clipcraft.data.folder import FileEntry
 from clipcraft.errors import ClipcraftError
-from clipcraft.files import atomic_dir
+from clipcraft.files import atomic_dir, atomic_file
 from clipcraft.search.ann import IndexConfig, import_faiss, recall_at_k, resolve_kind
 from clipcraft.search.embedding_shards import METADATA_DIR, read_manifest, shard_files
 from clipcraft.search.index import FAISS_FILE, INDEX_FORMAT, MANIFEST, Index
@@ -291,20 +292,22 @@ def _log_memory(phase: str) -> None:
     print(f"[build] {phase}: VmRSS {status['VmRSS'].strip()}, VmHWM {status['VmHWM'].strip()}", flush=True)
 
 
-REFINE_STEPS = (
-    1,
-    2,
-    4,
-    8,
-)  # tuning tries refine_factor times these when nprobe alone cannot reach the target
+REFINE_STEPS = (1, 1.5, 2, 3, 4, 6, 8)  # tuning tries refine_factor times these
+# Modelled cost of one single-threaded query, to choose between (nprobe, refine) pairs that reach the target:
+# nanoseconds per code scanned, by storage, and per candidate re-ranked (a stored row read and a dot product).
+# Measured on a 10M x 256-d index on a 2-core AMD EPYC (bench/bench_scale.py); only their ratios matter.
+SCAN_NS = {"sq8": 30.0, "pq": 100.0, "pq4fs": 10.0}
+RERANK_NS = 2500.0
 
 
 def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """The cheapest ``(refine_factor, nprobe)`` whose recall@10 (leave-one-out on sampled stored vectors,
-    against exact search over all of them) reaches ``config.target_recall``: the smallest ``nprobe`` at
-    ``config.refine_factor``, else at 2x, 4x, 8x the candidates re-ranked (coarse codes such as ``pq4fs`` rank
-    the true neighbours lower, and re-ranking more of them is cheaper than scanning more lists); or
-    ``config.nprobe`` and ``config.refine_factor`` as given."""
+    """The ``(nprobe, refine_factor)`` of least modelled query cost whose recall@10 (leave-one-out on sampled
+    stored vectors, against exact search over all of them) reaches ``config.target_recall``: for each
+    re-rank depth (``config.refine_factor`` times :data:`REFINE_STEPS`) the smallest ``nprobe`` that reaches
+    it, costed as codes scanned (``nprobe`` x the mean list length x :data:`SCAN_NS`) plus candidates
+    re-ranked (x :data:`RERANK_NS`). Coarse codes such as ``pq4fs`` rank true neighbours lower, and re-ranking
+    a few more of them can be cheaper than scanning more lists. ``config.nprobe``, when given, is used with
+    ``config.refine_factor`` as they are. Deterministic for a seed: no timing is involved."""
     faiss = import_faiss()
     ivf = faiss.extract_index_ivf(index)
     rows = _NpyRows(path)
@@ -316,25 +319,65 @@ def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator)
         ivf.nprobe = ivf.nlist
         return {"nprobe": int(ivf.nlist), "tuned_recall_at_10": 1.0}
     truth = _without_self(exact_topk(rows, queries, k + 1), picked, k)
+
+    def recall_of(nprobe: int, refine: int) -> float:
+        ivf.nprobe = int(nprobe)
+        # plain reads: a memory map would fault whole pages around every candidate into the build's
+        # resident memory, which over the tuning's many candidates reaches the size of vectors.npy
+        _, found = rerank(index, rows, queries, k + 1, refine)
+        return recall_at_k(_without_self(found, picked, k), truth)
+
     if config.nprobe:
-        probes, refines = [config.nprobe], [config.refine_factor]
+        chosen = (int(config.nprobe), int(config.refine_factor))
+        recall = recall_of(*chosen)
     else:
         probes = [v for v in KNOBS if v < ivf.nlist] + [ivf.nlist]
-        refines = [config.refine_factor * step for step in REFINE_STEPS]
-    chosen, recall = (probes[-1], refines[-1]), 0.0
-    for refine in refines:
-        for value in probes:
-            ivf.nprobe = int(value)
-            # plain reads: a memory map would fault whole pages around every candidate into the build's
-            # resident memory, which over the tuning's many candidates reaches the size of vectors.npy
-            _, found = rerank(index, rows, queries, k + 1, refine)
-            chosen, recall = (value, refine), recall_at_k(_without_self(found, picked, k), truth)
-            if recall >= config.target_recall:
-                break
-        if recall >= config.target_recall:
-            break
+        refines = sorted({max(1, round(config.refine_factor * step)) for step in REFINE_STEPS})
+        scan_ns = SCAN_NS.get(config.ivf_storage, SCAN_NS["sq8"]) * n / ivf.nlist
+
+        def cost(nprobe: int, refine: int) -> float:
+            return nprobe * scan_ns + 10 * refine * RERANK_NS
+
+        best: tuple[float, int, int, float] | None = None  # (cost, nprobe, refine, recall)
+        fallback = (probes[-1], refines[-1], 0.0)
+        for refine in refines:
+            for value in probes:
+                if best is not None and cost(value, refine) >= best[0]:
+                    break  # deeper lists at this depth cannot be cheaper than the pair already found
+                recall = recall_of(value, refine)
+                if recall >= config.target_recall:
+                    best = (cost(value, refine), value, refine, recall)
+                    break
+                if value == probes[-1] and recall > fallback[2]:
+                    fallback = (value, refine, recall)
+        chosen, recall = (best[1:3], best[3]) if best else (fallback[:2], fallback[2])
     ivf.nprobe = int(chosen[0])
     return {"nprobe": int(chosen[0]), "refine_factor": int(chosen[1]), "tuned_recall_at_10": round(recall, 4)}
+
+
+def retune_index(path: str | os.PathLike[str], target_recall: float, *, seed: int = 0) -> dict[str, Any]:
+    """Tune a built shard index directory again for ``target_recall`` (``nprobe`` and ``refine_factor``, as
+    the build does) without rebuilding it, and rewrite its manifest. Returns the manifest's new ``index``."""
+    faiss = import_faiss()
+    root = Path(path)
+    manifest = json.loads((root / MANIFEST).read_text())
+    info = manifest.get("index", {})
+    if manifest.get("layout") != LAYOUT or info.get("kind") != "ivf":
+        raise ClipcraftError(f"{root} is not an IVF index built from embedding shards: nothing to tune.")
+    index = faiss.read_index(str(root / FAISS_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw.efSearch = int(
+        info.get("quantizer_ef_search", SEARCH_EF_SEARCH)
+    )
+    known = {f.name for f in dataclasses.fields(IndexConfig)}
+    saved = {k: v for k, v in manifest.get("index_config", {}).items() if k in known}
+    config = IndexConfig(**{**saved, "target_recall": target_recall, "nprobe": None})
+    start = time.perf_counter()
+    info.update(_tune(index, root / VECTORS, config, np.random.default_rng(seed)))
+    info["tune_s"] = round(time.perf_counter() - start, 2)
+    manifest["index"], manifest["index_config"] = info, config.to_dict()
+    with atomic_file(root / MANIFEST) as fh:
+        fh.write((json.dumps(manifest, indent=1) + "\n").encode())
+    return info
 
 
 def _without_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
