@@ -82,3 +82,37 @@ def write_colour_split(root: Path, per_class: int, seed: int, colours: dict | No
             pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+# The tiny training run the training tests share: "tiny" preset, 2 epochs of batch 4, fp32 ("auto" would pick
+# bf16 on a CPU with bf16 units: pin the numbers), head dropout on (it draws from the RNG: resume must restore
+# it). Keyword overrides are flat TrainConfig keys.
+TINY_TRAIN: dict = {
+    "model": "tiny",
+    "epochs": 2,
+    "batch_size": 4,
+    "num_workers": 0,
+    "eval_batch_size": 8,
+    "warmup_steps": 2,
+    "lr_image_tower": 1e-3,
+    "lr_text_tower": 1e-3,
+    "log_every": 1,
+    "example_sheet": False,
+    "precision": "fp32",
+    "model_overrides": {"head.dropout": 0.1},
+}
+
+
+def tiny_train_config(data: str | Path, out: Path, **overrides: object):  # -> TrainConfig
+    """A :class:`~clipcraft.train.config.TrainConfig` of :data:`TINY_TRAIN` on ``data``, run in ``out``."""
+    from clipcraft.train.config import TrainConfig
+
+    return TrainConfig.from_dict({**TINY_TRAIN, "data": str(data), "output_dir": str(out), **overrides})
+
+
+def step_rows(run_dir: Path) -> list[dict]:
+    """The "step" rows of a run's metrics.jsonl, in order."""
+    import json
+
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["type"] == "step"]

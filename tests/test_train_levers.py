@@ -22,6 +22,7 @@ from clipcraft.model import create_model, load
 from clipcraft.train import train
 from clipcraft.train.checkpoint import load_checkpoint
 from clipcraft.train.config import TrainConfig
+from conftest import step_rows, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -29,30 +30,12 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_scene_dataset(tmp_path_factory.mktemp("scenes"), train=24, val=8, test=8, seed=3)
 
 
-def _config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "model": "tiny",
-        "data": str(data),
-        "output_dir": str(out),
-        "epochs": 2,
-        "batch_size": 4,
-        "num_workers": 0,
-        "eval_batch_size": 8,
-        "warmup_steps": 2,
-        "lr_image_tower": 1e-3,
-        "lr_text_tower": 1e-3,
-        "log_every": 1,
-        "example_sheet": False,
-        "precision": "fp32",
-        "model_overrides": {"head.dropout": 0.1},  # dropout draws from the RNG: resume must restore it
-    }
-    base.update(overrides)
-    return TrainConfig.from_dict(base)
+def _config(data: str | Path, out: Path, **overrides: Any) -> TrainConfig:
+    return tiny_train_config(data, out, **overrides)
 
 
 def _steps(run_dir: Path) -> list[dict[str, Any]]:
-    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return [r for r in rows if r["type"] == "step"]
+    return step_rows(run_dir)
 
 
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -19,6 +19,7 @@ from clipcraft.model import load
 from clipcraft.train import train
 from clipcraft.train.checkpoint import load_checkpoint
 from clipcraft.train.config import TrainConfig
+from conftest import step_rows, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -30,30 +31,12 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _config(data: str, out: Path, **overrides: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "model": "tiny",
-        "data": data,
-        "output_dir": str(out),
-        "epochs": 2,
-        "batch_size": 4,
-        "num_workers": 2,
-        "shuffle_buffer": 5,
-        "warmup_steps": 2,
-        "lr_image_tower": 1e-3,
-        "lr_text_tower": 1e-3,
-        "log_every": 1,
-        "example_sheet": False,
-        "precision": "fp32",
-        "model_overrides": {"head.dropout": 0.1},  # dropout draws from the RNG: resume must restore it
-    }
-    base.update(overrides)
-    return TrainConfig.from_dict(base)
+def _config(data: str | Path, out: Path, **overrides: Any) -> TrainConfig:
+    return tiny_train_config(data, out, **{"num_workers": 2, "shuffle_buffer": 5, **overrides})
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == "step"]
+    return step_rows(run_dir)
 
 
 def _same_weights(a: Path, b: Path, exact: bool = True) -> None:
