@@ -358,16 +358,12 @@ def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator)
 def retune_index(path: str | os.PathLike[str], target_recall: float, *, seed: int = 0) -> dict[str, Any]:
     """Tune a built shard index directory again for ``target_recall`` (``nprobe`` and ``refine_factor``, as
     the build does) without rebuilding it, and rewrite its manifest. Returns the manifest's new ``index``."""
-    faiss = import_faiss()
     root = Path(path)
     manifest = json.loads((root / MANIFEST).read_text())
     info = manifest.get("index", {})
     if manifest.get("layout") != LAYOUT or info.get("kind") != "ivf":
         raise ClipcraftError(f"{root} is not an IVF index built from embedding shards: nothing to tune.")
-    index = faiss.read_index(str(root / FAISS_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw.efSearch = int(
-        info.get("quantizer_ef_search", SEARCH_EF_SEARCH)
-    )
+    index = load_shard_index(root, manifest).faiss_index  # as searches open it
     known = {f.name for f in dataclasses.fields(IndexConfig)}
     saved = {k: v for k, v in manifest.get("index_config", {}).items() if k in known}
     config = IndexConfig(**{**saved, "target_recall": target_recall, "nprobe": None})
