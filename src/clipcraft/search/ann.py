@@ -150,13 +150,13 @@ def build_faiss(vectors: np.ndarray, config: IndexConfig) -> tuple[Any, dict[str
     flat.add(x)
     _, truth = flat.search(queries, k + 1)
     del flat
-    truth = _drop_self(truth, picked, k)
+    truth = drop_self(truth, picked, k)
 
     chosen, recall = values[-1], 0.0
     for value in [fixed] if fixed else values:
         set_knob(value)
         _, found = index.search(queries, k + 1)
-        chosen, recall = value, recall_at_k(_drop_self(found, picked, k), truth)
+        chosen, recall = value, recall_at_k(drop_self(found, picked, k), truth)
         if recall >= config.target_recall:
             break
     set_knob(chosen)
@@ -165,7 +165,7 @@ def build_faiss(vectors: np.ndarray, config: IndexConfig) -> tuple[Any, dict[str
     return index, info
 
 
-def _drop_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+def drop_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     """Remove each row's own id from (Q, k+1) neighbour ids and keep the first k (id -1 pads)."""
     out = np.full((ids.shape[0], k), -1, dtype=np.int64)
     for r, (row, me) in enumerate(zip(ids, own, strict=True)):

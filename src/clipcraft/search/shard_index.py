@@ -49,7 +49,7 @@ import numpy as np
 from clipcraft.data.folder import FileEntry
 from clipcraft.errors import ClipcraftError
 from clipcraft.files import atomic_dir, atomic_file
-from clipcraft.search.ann import IndexConfig, import_faiss, recall_at_k, resolve_kind
+from clipcraft.search.ann import IndexConfig, drop_self, import_faiss, recall_at_k, resolve_kind
 from clipcraft.search.embedding_shards import METADATA_DIR, read_manifest, shard_files
 from clipcraft.search.index import FAISS_FILE, INDEX_FORMAT, MANIFEST, Index
 
@@ -318,14 +318,14 @@ def _tune(index: Any, path: Path, config: IndexConfig, rng: np.random.Generator)
     if k < 1:
         ivf.nprobe = ivf.nlist
         return {"nprobe": int(ivf.nlist), "tuned_recall_at_10": 1.0}
-    truth = _without_self(exact_topk(rows, queries, k + 1), picked, k)
+    truth = drop_self(exact_topk(rows, queries, k + 1), picked, k)
 
     def recall_of(nprobe: int, refine: int) -> float:
         ivf.nprobe = int(nprobe)
         # plain reads: a memory map would fault whole pages around every candidate into the build's
         # resident memory, which over the tuning's many candidates reaches the size of vectors.npy
         _, found = rerank(index, rows, queries, k + 1, refine)
-        return recall_at_k(_without_self(found, picked, k), truth)
+        return recall_at_k(drop_self(found, picked, k), truth)
 
     if config.nprobe:
         chosen = (int(config.nprobe), int(config.refine_factor))
@@ -374,14 +374,6 @@ def retune_index(path: str | os.PathLike[str], target_recall: float, *, seed: in
     with atomic_file(root / MANIFEST) as fh:
         fh.write((json.dumps(manifest, indent=1) + "\n").encode())
     return info
-
-
-def _without_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    out = np.full((ids.shape[0], k), -1, dtype=np.int64)
-    for r, (row, me) in enumerate(zip(ids, own, strict=True)):
-        rest = row[row != me][:k]
-        out[r, : len(rest)] = rest
-    return out
 
 
 class _Rows:
