@@ -116,3 +116,26 @@ def step_rows(run_dir: Path) -> list[dict]:
 
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     return [r for r in rows if r["type"] == "step"]
+
+
+def train_in_two_gloo_processes(config, tmp_path: Path) -> list[int]:  # config: TrainConfig
+    """Train ``config`` under torchrun with 2 gloo processes (one thread each); the steps each rank took."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "ddp.json").write_text(json.dumps(config.to_dict()))
+    script = tmp_path / "run_ddp.py"
+    script.write_text(
+        "import json, os, sys\nfrom clipcraft.train.config import TrainConfig\nfrom clipcraft.train import train\n"
+        "r = train(TrainConfig.from_dict(json.load(open(sys.argv[1]))))\n"
+        "open(sys.argv[2] + os.environ['RANK'], 'w').write(str(r.steps))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "ddp.json"),
+         str(tmp_path / "steps-")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [int((tmp_path / f"steps-{r}").read_text()) for r in (0, 1)]

@@ -22,7 +22,7 @@ from clipcraft.model import load
 from clipcraft.train import train
 from clipcraft.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from clipcraft.train.config import TrainConfig
-from conftest import tiny_train_config
+from conftest import tiny_train_config, train_in_two_gloo_processes
 
 
 @pytest.fixture(scope="module")
@@ -260,20 +260,7 @@ def test_distributed_two_cpu_processes_match_one_process_with_the_global_batch(
     common = {"epochs": 1, "augment": True, "model_overrides": {"head.dropout": 0.0}}
     single = train(_config(scenes, tmp_path / "single", batch_size=8, **common))
     config = _config(scenes, tmp_path / "ddp", batch_size=4, **common)
-    (tmp_path / "ddp.json").write_text(json.dumps(config.to_dict()))
-    code = (
-        "import json, sys; from clipcraft.train.config import TrainConfig; from clipcraft.train import train; "
-        "train(TrainConfig.from_dict(json.load(open(sys.argv[1]))))"
-    )
-    script = tmp_path / "run_ddp.py"
-    script.write_text(code.replace("; ", "\n"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "ddp.json")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_two_gloo_processes(config, tmp_path)
     steps = _rows(tmp_path / "ddp", "step")
     assert [r["step"] for r in steps] == [1, 2, 3]  # one line per step: only rank 0 wrote
     assert [r["loss"] for r in steps] == pytest.approx(

@@ -4,10 +4,6 @@ refused where it cannot work."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,7 @@ from clipcraft.model import create_model, load
 from clipcraft.train import train
 from clipcraft.train.checkpoint import load_checkpoint
 from clipcraft.train.config import TrainConfig
-from conftest import step_rows, tiny_train_config
+from conftest import step_rows, tiny_train_config, train_in_two_gloo_processes
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +99,7 @@ def test_ssl_under_two_cpu_processes_matches_one_process_with_the_global_batch(
     common = {"epochs": 1, "max_steps": 3, "model_overrides": {"head.dropout": 0.0}, **SSL}
     single = train(_config(scenes, tmp_path / "single", batch_size=8, **common))
     config = _config(scenes, tmp_path / "ddp", batch_size=4, **common)
-    (tmp_path / "ddp.json").write_text(json.dumps(config.to_dict()))
-    script = tmp_path / "run_ddp.py"
-    script.write_text(
-        "import json, sys\nfrom clipcraft.train.config import TrainConfig\nfrom clipcraft.train import train\n"
-        "train(TrainConfig.from_dict(json.load(open(sys.argv[1]))))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "ddp.json")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_two_gloo_processes(config, tmp_path)
     for key in ("loss", "ssl_loss"):
         assert [r[key] for r in _steps(tmp_path / "ddp")] == pytest.approx([r[key] for r in _steps(single.run_dir)], rel=1e-4)  # fmt: skip
     a, b = load_checkpoint(single.run_dir), load_checkpoint(tmp_path / "ddp")

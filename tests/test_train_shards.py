@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ from clipcraft.model import load
 from clipcraft.train import train
 from clipcraft.train.checkpoint import load_checkpoint
 from clipcraft.train.config import TrainConfig
-from conftest import step_rows, tiny_train_config
+from conftest import step_rows, tiny_train_config, train_in_two_gloo_processes
 
 
 @pytest.fixture(scope="module")
@@ -92,26 +89,6 @@ def test_epoch_order_stream_from_the_manifest_and_two_weighted_sources(shards: P
     assert weighted.steps == 2 and _rows(weighted.run_dir)[-1]["loss"] > 0
 
 
-def _two_gloo_processes(config: TrainConfig, tmp_path: Path) -> list[int]:
-    """Train ``config`` under torchrun with 2 gloo processes; the steps each rank took."""
-    (tmp_path / "ddp.json").write_text(json.dumps(config.to_dict()))
-    code = (
-        "import json, sys; from clipcraft.train.config import TrainConfig; from clipcraft.train import train; "
-        "import os; r = train(TrainConfig.from_dict(json.load(open(sys.argv[1])))); "
-        "open(sys.argv[2] + os.environ['RANK'], 'w').write(str(r.steps))"
-    )
-    script = tmp_path / "run_ddp.py"
-    script.write_text(code.replace("; ", "\n"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "ddp.json"), str(tmp_path / "steps-")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [int((tmp_path / f"steps-{r}").read_text()) for r in (0, 1)]
-
-
 def test_two_gloo_processes_from_shards_match_one_process_with_the_global_batch(
     shards: Path, tmp_path: Path
 ) -> None:
@@ -127,7 +104,10 @@ def test_two_gloo_processes_from_shards_match_one_process_with_the_global_batch(
         "model_overrides": {"head.dropout": 0.0},
     }
     single = train(_config(spec, tmp_path / "single", batch_size=8, **common))
-    assert _two_gloo_processes(_config(spec, tmp_path / "ddp", batch_size=4, **common), tmp_path) == [4, 4]
+    assert train_in_two_gloo_processes(_config(spec, tmp_path / "ddp", batch_size=4, **common), tmp_path) == [
+        4,
+        4,
+    ]
     steps = _rows(tmp_path / "ddp")
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one line per step: only rank 0 wrote
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in _rows(single.run_dir)], rel=1e-4)
@@ -273,7 +253,10 @@ def test_two_gloo_processes_share_the_caption_cache_and_match_one_process(
         "model_overrides": {"head.dropout": 0.0},
     }
     single = train(_config(spec, tmp_path / "single", batch_size=8, **common))
-    assert _two_gloo_processes(_config(spec, tmp_path / "ddp", batch_size=4, **common), tmp_path) == [2, 2]
+    assert train_in_two_gloo_processes(_config(spec, tmp_path / "ddp", batch_size=4, **common), tmp_path) == [
+        2,
+        2,
+    ]
     assert len(list((tmp_path / "ddp" / "feature-cache").glob("captions-*"))) == 1
     losses = [r["loss"] for r in _rows(tmp_path / "ddp")]
     assert losses == pytest.approx([r["loss"] for r in _rows(single.run_dir)], rel=1e-4)
