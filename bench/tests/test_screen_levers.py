@@ -1,0 +1,88 @@
+"""screen_levers: every lever is a valid recipe config that differs from the baseline where it says, and the
+table reads the runs' validation rows (never test figures)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import screen_levers  # noqa: E402
+
+from clipcraft.train.config import TrainConfig, from_flat, gather_config  # noqa: E402
+
+
+def _config(lever: str) -> TrainConfig:
+    return from_flat(
+        TrainConfig, gather_config(None, screen_levers.RECIPE, {}, screen_levers.LEVERS[lever][1])
+    )
+
+
+def test_every_lever_is_the_recipe_plus_its_own_change() -> None:
+    base = _config("baseline")
+    expected = {
+        "label_smoothing": lambda c: c.label_smoothing == 0.1,
+        "temperature_lr": lambda c: c.lr_logit_scale == 0.01,
+        "temperature_fixed": lambda c: (
+            not c.learn_logit_scale and c.model_overrides["init_logit_scale"] == 3.5066
+        ),
+        "ema": lambda c: c.ema_decay == 0.995,
+        "slip": lambda c: c.ssl_weight == 1.0,
+        "text_augment": lambda c: c.text_augment_variants == 2,
+        "convnext_atto": lambda c: (
+            c.model_overrides["image.name"] == "convnext_atto" and c.patch_dropout == 0
+        ),
+        "resnet18d": lambda c: c.model_overrides["image.preprocess.input_size"] == [3, 112, 112],
+        "unlock_minilm": lambda c: c.text_unlocked_groups == 1 and c.captions_per_image == 1,
+    }
+    assert set(expected) | {"baseline"} == set(screen_levers.LEVERS)
+    for lever, check in expected.items():
+        config = _config(lever)
+        assert check(config), lever
+        assert config != base, lever
+        assert config.optim.epochs == base.optim.epochs and config.data == base.data, (
+            lever
+        )  # nothing else moved
+
+
+def test_train_command_shortens_the_schedule_and_shares_the_cache(tmp_path: Path) -> None:
+    cmd = screen_levers.train_command("ema", 7, 3, tmp_path / "run", tmp_path / "cache")
+    assert cmd[-1] == "ema_decay=0.995"
+    assert {"epochs=7", "seed=3", f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"} <= set(
+        cmd
+    )
+
+
+def _metrics(run: Path, recalls: list[float]) -> None:
+    rows = [{"type": "step", "step": i, "samples_per_s": s, "logit_scale": 14.0 + i} for i, s in
+            enumerate([1.0, 100.0, 120.0, 110.0])]  # fmt: skip
+    rows += [{"type": "epoch", "epoch": i + 1, "recall_mean": r} for i, r in enumerate(recalls)]
+    rows.append({"type": "test", "recall_mean": 0.9})  # never read
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_read_run_takes_validation_epochs_and_skips_the_warm_up_step(tmp_path: Path) -> None:
+    _metrics(tmp_path / "r", [0.01, 0.05, 0.04])
+    got = screen_levers.read_run(tmp_path / "r")
+    assert got["val_recall_mean_best"] == 0.05 and got["val_recall_mean_last"] == 0.04
+    assert got["samples_per_s_median"] == 110.0 and got["logit_scale_last"] == 17.0
+
+
+def test_table_shows_each_levers_change_from_the_baseline() -> None:
+    row = {"what": "x", "seconds": 600.0, "samples_per_s_median": 120.0, "logit_scale_last": 15.0,
+           "val_recall_mean_best": 0.070, "val_recall_mean_last": 0.069, "cifar10_train_zeroshot": 0.25}  # fmt: skip
+    report = {
+        "command": "cmd",
+        "machine": {"model": "CPU", "cores": 2, "native_bf16": False},
+        "settings": {"epochs": 10, "seed": 0, "cifar_per_class": 200},
+        "results": {
+            "baseline": row,
+            "ema": {**row, "val_recall_mean_best": 0.076, "cifar10_train_zeroshot": 0.24},
+        },
+        "failed": {"slip": "exit status 1"},
+    }
+    text = screen_levers.render(report)
+    assert "| ema: x | 0.0760 / 0.0690 | +0.0060 | 0.240 | -0.010 | 120.0 | 60 | 60 | 15.0 |" in text
+    assert "| slip: SLIP" in text and "failed: exit status 1" in text
