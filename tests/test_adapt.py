@@ -194,3 +194,52 @@ def test_finetune_cli_on_an_imported_model(colours: Path, tmp_path: Path) -> Non
     assert summary["method"] == "flyp" and summary["lora"]["towers"] == "both"
     assert (out / "adapters" / "adapter_config.json").is_file()
     assert load_classifier(out).model.config.image.kind == "hf_clip"
+
+
+def test_wise_keep_chooses_the_best_mixture_that_keeps_the_retention_on_its_validation_split(
+    model_dir: Path, colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipcraft.finetune import adapt
+    from clipcraft.finetune.wise import best_alpha
+
+    splits: list[str | None] = []
+    measure = adapt.measure_retention
+
+    def spy(model, data, split, *args, **kwargs):
+        splits.append(split)
+        return measure(model, data, split, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "measure_retention", spy)
+    config = _config(
+        model_dir, colours, tmp_path / "keep", method="flyp", alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
+        retention=str(colours), retention_split="test", retention_val_split="val", wise_keep=1.0,
+    )  # fmt: skip
+    summary = finetune(config).summary
+    rows = summary["wise"]
+    by_alpha = {r["alpha"]: r for r in rows}
+    # every mixture scored on the validation split first; then initial, fine-tuned, chosen on the reported one
+    assert splits == ["val"] * 5 + ["test"] * 3
+    # alpha 0 is the initial model: its retention on the validation split is its zero-shot val top-1
+    assert by_alpha[0.0]["retention_val"] == pytest.approx(summary["val"]["zeroshot"]["top1"], abs=1e-6)
+    assert by_alpha[0.0]["retention_val_kept"] == 1.0
+    kept = [r for r in rows if r["retention_val_kept"] >= 1.0]
+    assert summary["alpha"] == best_alpha(kept)
+    assert by_alpha[summary["alpha"]]["retention_val_kept"] >= 1.0
+    for r in rows:  # every mixture was scored, not only the chosen one
+        assert r["retention_val_kept"] == pytest.approx(r["retention_val"] / by_alpha[0.0]["retention_val"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"wise_keep": 0.9}, "needs retention=DATA"),
+        ({"wise_keep": 1.5, "retention": "r"}, "wise_keep must be in (0, 1]"),
+        ({"wise_keep": 0.9, "retention": "r", "retention_val_split": "test"}, "separate validation split"),
+        ({"wise_keep": 0.9, "retention": "r", "alphas": (0.5, 1.0)}, "needs alpha 0"),
+    ],
+)
+def test_wise_keep_refuses_what_cannot_work(
+    model_dir: Path, colours: Path, tmp_path: Path, changes: dict, message: str
+) -> None:
+    with pytest.raises(ClipcraftError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        _config(model_dir, colours, tmp_path / "x", **changes).check()

@@ -33,7 +33,7 @@ def test_rows_show_top1_retention_share_and_trainable_fraction() -> None:
         "| FLYP + LoRA r=8 on both towers, alpha 1 (best val epoch 1) | 0.500 | 0.1000 | 50% | 40 (4.00%) | 3 s | 2.0 GB |"
         in text
     )
-    assert "+ WiSE-FT (alpha 0.5) | 0.400 | 0.1800 | 90% |" in text
+    assert "+ WiSE-FT (alpha 0.5: best val top-1) | 0.400 | 0.1800 | 90% |" in text
     assert (
         "| flyp | not run: exit status 1 |" in text
         and "(the standard protocol)" in text

@@ -26,7 +26,8 @@ class embeddings. lora_rank=R trains LoRA adapters (rank R, lora_alpha, lora_tow
 lora_targets) instead of the towers' weights; they are saved in OUT/adapters and merged into the saved model.
 layer_decay=D < 1 gives block i of n in an unlocked tower the rate lr * D**(n - i). retention=DATA scores the
 initial, fine-tuned and chosen models on a second data set (class folders: zero-shot top-1; image-caption
-data: mean retrieval recall, retention_split=test).
+data: mean retrieval recall, retention_split=test). wise_keep=0.9 then chooses alpha among the mixtures that
+keep at least 90% of the initial model's retention on retention_val_split (default dev), not the reported split.
 
 The classifier head starts from the zero-shot text embeddings of the class names (step 0 = zero-shot
 accuracy); the image tower and head then train (tower at the lower --lr-tower) with warmup + cosine and early

@@ -58,8 +58,13 @@ class FinetuneConfig:
     # (retrieval mean recall), scored for the initial, fine-tuned and chosen models
     retention_split: str | None = "test"  # split of `retention` (Flickr: test = the standard 1,000 images)
     retention_limit: int | None = None  # images per class (folders) or images (captions); None: all
+    retention_val_split: str | None = (
+        "dev"  # split of `retention` that wise_keep chooses alpha on (Flickr: dev)
+    )
     # -- weight-space ensembling
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # each in [0, 1]; the best on val is saved
+    wise_keep: float | None = None  # with retention: the best val top-1 among the mixtures that keep at least
+    # this share of the initial model's retention on retention_val_split (e.g. 0.9); None: val top-1 alone
     overwrite: bool = False  # allow an output_dir that already holds a run or a model
     # -- shared sections, with fine-tuning's defaults
     optim: OptimConfig = field(
@@ -128,6 +133,26 @@ class FinetuneConfig:
             raise ClipcraftError(f"lr_text must be a finite number >= 0; got {self.lr_text}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ClipcraftError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}.")
+        if self.wise_keep is not None:
+            self._check_wise_keep()
+
+    def _check_wise_keep(self) -> None:
+        if not (math.isfinite(self.wise_keep) and 0.0 < self.wise_keep <= 1.0):
+            raise ClipcraftError(f"wise_keep must be in (0, 1] or null; got {self.wise_keep}.")
+        if not self.retention:
+            raise ClipcraftError(
+                "wise_keep needs retention=DATA: the data set whose score the mixtures must keep."
+            )
+        if self.retention_val_split == self.retention_split:
+            raise ClipcraftError(
+                f"wise_keep chooses alpha on retention_val_split={self.retention_val_split!r}, the split the run "
+                "reports retention on; give a separate validation split (Flickr: dev) so the reported figure is "
+                "not the one the choice was made on."
+            )
+        if 0.0 not in check_alphas(self.alphas):
+            raise ClipcraftError(
+                "wise_keep needs alpha 0 (the initial model, which keeps all of its retention) among --alphas."
+            )
 
 
 def check_alphas(alphas: Any) -> list[float]:

@@ -386,10 +386,21 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         if a not in known:
             load_mix(a)
         rows.append({"alpha": a, **(known[a] if a in known else evaluate(data.val))})
-    alpha = best_alpha(rows)
+    if config.wise_keep is not None:
+        _score_retention_on_val(rows, model, load_mix, config, precision)
+        alpha = best_alpha([r for r in rows if r["retention_val_kept"] >= config.wise_keep])
+    else:
+        alpha = best_alpha(rows)
     for row in rows:
         log.metrics({"type": "wise", "step": state["step"], "alpha": row["alpha"], **_prefixed(row, "val_")})
-    log.info("WiSE-FT on val: " + ", ".join(f"alpha {r['alpha']:g}: {r['top1']:.4f}" for r in rows))
+    log.info(
+        "WiSE-FT on val: "
+        + ", ".join(
+            f"alpha {r['alpha']:g}: {r['top1']:.4f}"
+            + (f" (retention kept {r['retention_val_kept']:.1%})" if "retention_val_kept" in r else "")
+            for r in rows
+        )
+    )
     test = _test(data, alpha, load_mix, evaluate)
     for name, metrics in test.items():
         log.metrics({"type": "test", "step": state["step"], "model": name, **_prefixed(metrics, "test_")})
@@ -454,6 +465,24 @@ def finetune(config: FinetuneConfig, resume: str | os.PathLike[str] | None = Non
         + f". Saved the classifier to {run_dir}"
     )
     return FinetuneResult(run_dir, True, state["step"], state["epoch"], summary)
+
+
+def _score_retention_on_val(
+    rows: list[dict[str, Any]], model: Any, load_mix: Any, config: FinetuneConfig, precision: Any
+) -> None:
+    """Add ``retention_val`` (the retention score on ``config.retention_val_split``) and ``retention_val_kept``
+    (its share of alpha 0's, the initial model's) to every WiSE-FT row; ``load_mix(a)`` loads a mixture."""
+    from clipcraft.finetune.adapt import measure_retention
+
+    for row in sorted(rows, key=lambda r: r["alpha"]):  # alpha 0 (checked to be there) first: the base
+        load_mix(row["alpha"])
+        row["retention_val"] = measure_retention(
+            model, config.retention, config.retention_val_split, config.retention_limit, precision,
+            config.loader.eval_batch_size,
+        )["score"]  # fmt: skip
+    base = next(r["retention_val"] for r in rows if r["alpha"] == 0.0)
+    for row in rows:
+        row["retention_val_kept"] = row["retention_val"] / base if base > 0 else 1.0  # nothing to lose
 
 
 def _test(
