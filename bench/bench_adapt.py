@@ -273,7 +273,14 @@ def render(report: dict) -> str:
         )
         + f" Fine-tunes: {s['epochs']} epoch(s), batch {s['batch_size']}, lr {s['lr_tower']:g} image tower, "
         f"{s['lr_text']:g} text tower (FLYP), {s['lr_head']:g} classifier head, {s['lr_lora']:g} LoRA, "
-        f"layer decay {s['layer_decay']:g}, alphas {s['alphas']}.",
+        f"layer decay {s['layer_decay']:g}, alphas {s['alphas']}."
+        + (
+            f" WiSE-FT alpha: the best CIFAR-10 val top-1 among the mixtures that keep >= {s['wise_keep']:.0%} of "
+            f"the initial model's Flickr8k mean recall on the first {sub['retention_images']} *dev* images "
+            "(`--wise-keep`; chosen on dev, reported on test)."
+            if s.get("wise_keep")
+            else " WiSE-FT alpha: the best CIFAR-10 val top-1."
+        ),
         "",
         "| row | CIFAR-10 top-1 | Flickr8k mean recall | kept | trainable params | wall time | peak RSS |",
         "|---|---:|---:|---:|---:|---:|---:|",
