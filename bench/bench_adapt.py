@@ -335,6 +335,11 @@ def render(report: dict) -> str:
               "Beside the papers (their models, data and scale, not ours):", ""]  # fmt: skip
     lines += [f"- {p}" for p in PAPERS]
     lines += ["", "Reproduce:", "", "```", report["command"], "```", ""]
+    earlier = report.get("earlier_rows")
+    if earlier:  # rows kept from an earlier run of the same protocol (the same model, data and subsets)
+        lines += [f"The rows {', '.join(earlier['rows'])} come from an earlier run (alphas "
+                  f"{earlier['settings']['alphas']}, WiSE-FT alpha by val top-1 alone):", "", "```",
+                  earlier["command"], "```", ""]  # fmt: skip
     return "\n".join(lines)
 
 
