@@ -248,6 +248,28 @@ def _goals(res: dict) -> list[str]:
     return out
 
 
+def _wise_curves(res: dict) -> list[str]:
+    """A table of every fine-tune's WiSE-FT mixtures on validation: CIFAR-10 val top-1 / share of the initial
+    model's Flickr8k dev recall kept (only for rows run with ``--wise-keep``)."""
+    names = [n for n in ("ce", "flyp", "lora_image", "lora_both")
+             if n in res and all("retention_val_kept" in w for w in res[n].get("wise", []))
+             and res[n].get("wise")]  # fmt: skip
+    if not names:
+        return []
+    alphas = sorted({w["alpha"] for n in names for w in res[n]["wise"]})
+    out = ["", "WiSE-FT on validation, every mixture: CIFAR-10 val top-1 / share of the initial model's Flickr8k "
+           "dev mean recall kept (alpha 0 = the initial model, 1 = the fine-tuned one):", "",
+           "| fine-tune | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |",
+           "|---|" + "---:|" * len(alphas)]  # fmt: skip
+    for n in names:
+        by = {w["alpha"]: w for w in res[n]["wise"]}
+        cells = [
+            f"{by[a]['top1']:.3f} / {by[a]['retention_val_kept']:.0%}" if a in by else "" for a in alphas
+        ]
+        out.append(f"| {LABELS[n]} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render(report: dict) -> str:
     """The BENCHMARKS.md section of a report."""
     res, m, s, sub = report["results"], report["machine"], report["settings"], report["subsets"]
@@ -329,9 +351,11 @@ def render(report: dict) -> str:
         )
     for name, why in report.get("failed", {}).items():
         lines.append(f"| {name} | not run: {why} | | | | | |")
+    lines += _wise_curves(res)
     lines += ["", *_goals(res)]
     lines += ["", "Wall time and peak memory of a fine-tune row cover its run with and without WiSE-FT together "
-              "(one run gives both; its retention is measured three times: initial, fine-tuned, chosen).", "",
+              "(one run gives both; its retention is measured on test for the initial, fine-tuned and chosen models "
+              "and, with --wise-keep, on dev for every alpha).", "",
               "Beside the papers (their models, data and scale, not ours):", ""]  # fmt: skip
     lines += [f"- {p}" for p in PAPERS]
     lines += ["", "Reproduce:", "", "```", report["command"], "```", ""]
