@@ -142,15 +142,17 @@ def render(report: dict[str, Any]) -> str:
     rows = report["results"]
     base = rows.get("baseline")
     lines = [
-        "### Screening the levers (short CPU runs, validation data only)",
+        "## Training: screening the recipe's levers (short CPU runs, validation data only)",
         "",
         f"`{report['command']}` on {report['machine']['model']} ({report['machine']['cores']} cores, native "
         f"bf16: {'yes' if report['machine']['native_bf16'] else 'no'}). Each row is the recipe with one lever, "
         f"{s['epochs']} epochs (the cosine schedule compressed into them), seed {s['seed']}, one run at a time. "
         "Scores are validation proxies only: Flickr8k dev mean recall (1,000 images x 5,000 captions; best "
         f"epoch / last) and CIFAR-10 zero-shot top-1 on the first {s['cifar_per_class']} *train* images of each "
-        "class, with the run's best model. Time per epoch is the run's wall time (validation included) over its "
-        "epochs; the 60-minute column is how many epochs of that cost fit the recipe's hour. Seed noise at this "
+        "class, with the run's best model. Time per epoch is the run's whole wall time over its epochs (start-up, "
+        "validation, the final test pass and the zero-shot proxy included, so it overstates a long run's cost: "
+        "the 58-epoch recipe runs at about 56 s an epoch); the 60-minute column is how many epochs of that cost "
+        "fit the recipe's hour, a lower bound. Seed noise at this "
         "length: two seeds of one setting differ by about 0.004 in dev recall (`bench/results/"
         "temperature-ablation.json`), so a difference under 0.005 is not a finding.",
         "",
