@@ -162,16 +162,9 @@ def render(report: dict[str, Any]) -> str:
     ]
     for name, r in rows.items():
         per_epoch = r["seconds"] / s["epochs"]
-        d_rec = (
-            ""
-            if base is None or name == "baseline"
-            else f"{r['val_recall_mean_best'] - base['val_recall_mean_best']:+.4f}"
-        )
-        d_zs = (
-            ""
-            if base is None or name == "baseline"
-            else f"{r['cifar10_train_zeroshot'] - base['cifar10_train_zeroshot']:+.3f}"
-        )
+        compare = base is not None and name != "baseline"
+        d_rec = f"{r['val_recall_mean_best'] - base['val_recall_mean_best']:+.4f}" if compare else ""
+        d_zs = f"{r['cifar10_train_zeroshot'] - base['cifar10_train_zeroshot']:+.3f}" if compare else ""
         lines.append(
             f"| {name}: {r['what']} | {r['val_recall_mean_best']:.4f} / {r['val_recall_mean_last']:.4f} | {d_rec} "
             f"| {r['cifar10_train_zeroshot']:.3f} | {d_zs} | {r['samples_per_s_median']} | {per_epoch:.0f} "

@@ -474,13 +474,13 @@ def _score_retention_on_val(
     (its share of alpha 0's, the initial model's) to every WiSE-FT row; ``load_mix(a)`` loads a mixture."""
     from clipcraft.finetune.adapt import measure_retention
 
-    for row in sorted(rows, key=lambda r: r["alpha"]):  # alpha 0 (checked to be there) first: the base
+    for row in rows:
         load_mix(row["alpha"])
         row["retention_val"] = measure_retention(
             model, config.retention, config.retention_val_split, config.retention_limit, precision,
             config.loader.eval_batch_size,
         )["score"]  # fmt: skip
-    base = next(r["retention_val"] for r in rows if r["alpha"] == 0.0)
+    base = next(r["retention_val"] for r in rows if r["alpha"] == 0.0)  # the initial model (checked present)
     for row in rows:
         row["retention_val_kept"] = row["retention_val"] / base if base > 0 else 1.0  # nothing to lose
 
