@@ -138,9 +138,29 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             kwargs[name] = from_dict(sub, value, f"{where}.{name}" if where else name)
         elif isinstance(value, list) and "tuple" in str(target):
             kwargs[name] = tuple(value)
+        elif isinstance(value, str) and _is_float_field(target):
+            kwargs[name] = _float_from_text(value, f"{where}.{name}" if where else name)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _is_float_field(annotation: Any) -> bool:
+    """``float`` or ``float | None``."""
+    import typing
+
+    return annotation is float or (
+        float in typing.get_args(annotation) and str not in typing.get_args(annotation)
+    )
+
+
+def _float_from_text(value: str, key: str) -> float:
+    """A number field given as text: YAML 1.1 (PyYAML) reads ``1e-5`` and ``3E4`` as strings, since it wants a
+    dot in the mantissa, so ``lr=1e-5`` on the command line or in a config file arrives here as ``"1e-5"``."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ClipcraftError(f"Config key {key!r} must be a number, got {value!r}.") from None
 
 
 def _resolved_types(cls: type) -> dict[str, Any]:
