@@ -363,6 +363,28 @@ def test_patch_dropout_trains_resumes_exactly_and_stays_out_of_the_saved_model(
         train(_config(scenes, tmp_path / "locked", patch_dropout=0.5, lock_image=True))
 
 
+def test_channels_last_trains_like_the_default_layout_and_resumes_exactly(
+    scenes: Path, tmp_path: Path
+) -> None:
+    cnn = {"model_overrides": {"image.name": "resnet18d", "image.model_kwargs": {"layers": [1, 1, 1, 1]},
+                               "head.dropout": 0.0}, "augment": False}  # fmt: skip
+    # The first step's loss agrees (the gradients do too: tests/test_towers.py). Later steps are not compared:
+    # Adam's first updates move every weight by about +-lr whatever the size of its gradient, so a near-zero
+    # gradient whose sign differs by float rounding between the two memory orders sends its weight the other
+    # way, and the losses drift apart by ~1% within three steps.
+    plain = train(_config(scenes, tmp_path / "plain", max_steps=1, **cnn))
+    nhwc = train(_config(scenes, tmp_path / "nhwc", max_steps=1, channels_last=True, **cnn))
+    first = [_rows(run.run_dir, "step")[0]["loss"] for run in (plain, nhwc)]
+    torch.testing.assert_close(first[1], first[0], rtol=1e-3, atol=0.0)
+    straight = train(_config(scenes, tmp_path / "straight", channels_last=True, **cnn))
+    train(_config(scenes, tmp_path / "resumed", channels_last=True, max_steps=5, **cnn))
+    resumed = train(
+        _config(scenes, tmp_path / "resumed", channels_last=True, **cnn), resume=tmp_path / "resumed"
+    )
+    _assert_same(_weights(straight.last_model), _weights(resumed.last_model))
+    assert load(straight.last_model).image_tower.trunk.conv1[0].weight.is_contiguous()  # saved as default
+
+
 def test_gradient_checkpointing_gives_the_same_training(scenes: Path, tmp_path: Path) -> None:
     common = {"epochs": 1, "max_steps": 2, "model_overrides": {"head.dropout": 0.0}, "augment": False}
     plain = train(_config(scenes, tmp_path / "plain", **common))
@@ -386,6 +408,26 @@ def test_config_sources_take_precedence_in_order(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("epochs: 3\nbatch_size: 8\nseed: 1\n")
     data = gather_config(None, tmp_path / "c.yaml", {"seed": 2, "data": None}, ["batch_size=4"])
     assert data == {"epochs": 3, "batch_size": 4, "seed": 2}
+
+
+def test_numbers_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path: Path) -> None:
+    from clipcraft.train.config import gather_config
+
+    (tmp_path / "c.yaml").write_text("lr_heads: 3e-4\nlr_logit_scale: 1E-2\n")  # PyYAML: strings
+    config = TrainConfig.from_dict(
+        gather_config(None, tmp_path / "c.yaml", {}, ["lr_text_tower=1e-5", "eps=2e-8"])
+    )
+    assert (config.lr_heads, config.lr_logit_scale, config.lr_text_tower, config.optim.eps) == (
+        3e-4,
+        1e-2,
+        1e-5,
+        2e-8,
+    )
+    assert (
+        TrainConfig.from_dict(gather_config(None, None, {}, ["lr_logit_scale=null"])).lr_logit_scale is None
+    )
+    with pytest.raises(ClipcraftError, match="'lr_heads' must be a number, got 'fast'"):
+        TrainConfig.from_dict(gather_config(None, None, {}, ["lr_heads=fast"]))
 
 
 def test_override_sets_one_entry_of_a_mapping_field(tmp_path: Path) -> None:

@@ -299,6 +299,7 @@ class ImageTower(_Lockable):
             block_pattern = _HF_IMAGE_BLOCK
         config.preprocess = self.preprocess
         self.config = config
+        self._channels_last = False  # set_channels_last
         if config.grad_checkpointing:
             if config.kind == "timm":
                 self.trunk.set_grad_checkpointing(True)
@@ -332,9 +333,23 @@ class ImageTower(_Lockable):
         prefix = int(getattr(self.trunk, "num_prefix_tokens", 1))  # class and register tokens always stay
         self.trunk.patch_drop = PatchDropout(prob, num_prefix_tokens=prefix) if prob > 0 else nn.Identity()
 
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """Store the trunk's 4-D weights, and lay out every input batch, channels-last (NHWC).
+
+        Convolutional towers run faster so on CPU (oneDNN) and on GPU tensor cores: ResNet-18-D at 112 px,
+        batch 128, trains about 1.3x faster a step on a 2-core AVX2 CPU (BENCHMARKS). The same arithmetic in
+        another memory order, so the features agree with the default layout to float rounding (tested). A
+        runtime setting like :meth:`set_patch_dropout`, not part of :class:`ImageTowerConfig`: saved weights
+        are contiguous either way, and a saved model loads in the default layout.
+        """
+        self._channels_last = bool(enabled)
+        self.trunk.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalised pixels -> (B, num_features) pooled features."""
         ctx = torch.no_grad() if self.fully_locked else contextlib.nullcontext()
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with ctx, matmul_precision_context():
             if self.config.kind == "timm":
                 return self.trunk(images)

@@ -631,6 +631,8 @@ def _build_model(config: TrainConfig, overrides: dict[str, Any]) -> ClipModel:
         )
     if config.patch_dropout:
         model.image_tower.set_patch_dropout(config.patch_dropout)  # checks the range and the tower kind
+    if config.channels_last:
+        model.image_tower.set_channels_last(True)
     return model
 
 
