@@ -17,6 +17,13 @@ Flickr8k test at the end of each run; the screen does not read those figures.
     .venv/bin/python bench/screen_levers.py --epochs 10 --levers baseline,label_smoothing,ema \\
         --cache-dir /tmp/f8k-cache --runs /tmp/lever-screen
 
+After the choice, ``--test`` adds the final figures of every screened run, read from the test splits once:
+Flickr8k **test** mean recall of the run's best model (the trainer's own end-of-run test pass, standard
+protocol) and CIFAR-10 zero-shot on all 10,000 **test** images. They go to the results' ``test`` block and a
+second table; nothing in the screen's choice reads them.
+
+    .venv/bin/python bench/screen_levers.py --epochs 6 --test
+
 Results go to ``bench/results/lever-screen.json`` (rewritten after every run, so a stopped screen keeps what it
 finished; a rerun skips levers already there unless ``--rerun``) and the table to
 ``bench/sections/levers.md``.
@@ -90,6 +97,9 @@ def train_command(lever: str, epochs: int, seed: int, run_dir: Path, cache_dir: 
     return cmd + overrides
 
 
+RECALL_KEYS = ("recall_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
     """Dev recall per epoch, the median training samples/s and the last logit scale from a run's
     ``metrics.jsonl``."""
@@ -116,6 +126,21 @@ def cifar_train_zeroshot(model_dir: Path, cifar_train: Path, per_class: int) -> 
 
     result = evaluate_zeroshot(load(model_dir), str(cifar_train), limit_per_class=per_class)
     return round(float(result["top1"]), 4)
+
+
+def test_figures(run_dir: Path, cifar_test: Path) -> dict[str, Any]:
+    """A finished run's test figures: Flickr8k test recalls of its best model (from ``summary.json``) and
+    CIFAR-10 zero-shot top-1 on every image of ``cifar_test``."""
+    from clipcraft import load
+    from clipcraft.evaluation.runners import evaluate_zeroshot
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if "test_recall_mean" not in summary:
+        raise RuntimeError(f"{run_dir}/summary.json has no test pass")
+    out = {k: round(float(summary[f"test_{k}"]), 4) for k in RECALL_KEYS}
+    model = Path(summary["best_model"] or summary["last_model"])
+    out["cifar10_test_zeroshot"] = round(float(evaluate_zeroshot(load(model), str(cifar_test))["top1"]), 4)
+    return out
 
 
 def screen_one(lever: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +198,50 @@ def render(report: dict[str, Any]) -> str:
     for name, why in report.get("failed", {}).items():
         lines.append(f"| {name}: {LEVERS.get(name, ('?', []))[0]} | failed: {why} | | | | | | | |")
     lines.append("")
+    if report.get("test"):
+        lines += render_test(report["test"], s["epochs"])
     return "\n".join(lines) + "\n"
+
+
+def render_test(test: dict[str, dict[str, float]], epochs: int) -> list[str]:
+    """The second table: the same runs' test figures, read after the screen (never used to choose)."""
+    base = test.get("baseline")
+    lines = [
+        f"The same {epochs}-epoch runs on the test splits (`--test`, read once after the screen; nothing above "
+        "chose by them): Flickr8k test, standard protocol, the run's best model by dev recall; CIFAR-10 "
+        "zero-shot on all 10,000 test images.",
+        "",
+        "| lever | test mean recall | vs baseline | i2t R@1 / R@5 / R@10 | t2i R@1 / R@5 / R@10 "
+        "| CIFAR-10 test zero-shot | vs baseline |",
+        "|---|---:|---:|---|---|---:|---:|",
+    ]
+    for name, r in test.items():
+        compare = base is not None and name != "baseline"
+        d_rec = f"{r['recall_mean'] - base['recall_mean']:+.4f}" if compare else ""
+        d_zs = f"{r['cifar10_test_zeroshot'] - base['cifar10_test_zeroshot']:+.3f}" if compare else ""
+        lines.append(
+            f"| {name} | {r['recall_mean']:.4f} | {d_rec} | {r['i2t_r1']:.3f} / {r['i2t_r5']:.3f} / "
+            f"{r['i2t_r10']:.3f} | {r['t2i_r1']:.3f} / {r['t2i_r5']:.3f} / {r['t2i_r10']:.3f} "
+            f"| {r['cifar10_test_zeroshot']:.3f} | {d_zs} |"
+        )
+    lines.append("")
+    return lines
+
+
+def add_test_figures(out: Path, section: Path, args: argparse.Namespace) -> int:
+    """Read each screened run's test figures into ``report["test"]`` (skipping those already there)."""
+    report = json.loads(out.read_text())
+    test = report.setdefault("test", {})
+    for lever in report["results"]:
+        if lever in test and not args.rerun:
+            continue
+        print(f"== {lever}: test figures", flush=True)
+        run_dir = Path(args.runs) / f"{lever}-e{report['settings']['epochs']}-s{report['settings']['seed']}"
+        test[lever] = test_figures(run_dir, Path(args.cifar_test))
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    section.write_text(render(report))
+    print("\n".join(render_test(test, report["settings"]["epochs"])))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", action="store_true", help="run levers already in --out again")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lever-screen.json"))
     p.add_argument("--section", default=str(ROOT / "bench" / "sections" / "levers.md"))
+    p.add_argument("--cifar-test", default=str(DATA / "cifar10" / "test"))
     p.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON")
+    p.add_argument(
+        "--test",
+        action="store_true",
+        help="add the screened runs' test figures (after the choice); no training",
+    )
     args = p.parse_args(argv)
     out, section = Path(args.out), Path(args.section)
     if args.render_only:
         section.write_text(render(json.loads(out.read_text())))
         return 0
+    if args.test:
+        return add_test_figures(out, section, args)
     unknown = [n for n in args.levers.split(",") if n not in LEVERS]
     if unknown:
         p.error(f"unknown levers {unknown}; known: {', '.join(LEVERS)}")

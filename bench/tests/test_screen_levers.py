@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import screen_levers  # noqa: E402
@@ -86,3 +89,39 @@ def test_table_shows_each_levers_change_from_the_baseline() -> None:
     text = screen_levers.render(report)
     assert "| ema: x | 0.0760 / 0.0690 | +0.0060 | 0.240 | -0.010 | 120.0 | 60 | 60 | 15.0 |" in text
     assert "| slip: SLIP" in text and "failed: exit status 1" in text
+
+
+def test_test_figures_read_the_trainers_test_pass_and_all_cifar_test_images(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import clipcraft
+    import clipcraft.evaluation.runners as runners
+
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {f"test_{k}": 0.1 + i / 100 for i, k in enumerate(screen_levers.RECALL_KEYS)}
+    (run / "summary.json").write_text(
+        json.dumps({**summary, "best_model": str(run / "best"), "last_model": "x"})
+    )
+    calls: list[tuple[Any, str, dict[str, Any]]] = []
+    monkeypatch.setattr(clipcraft, "load", lambda path: f"model:{path}")
+    monkeypatch.setattr(
+        runners, "evaluate_zeroshot", lambda m, data, **kw: calls.append((m, data, kw)) or {"top1": 0.31234}
+    )
+    got = screen_levers.test_figures(run, tmp_path / "cifar10" / "test")
+    assert got["recall_mean"] == 0.1 and got["t2i_r10"] == 0.16
+    assert got["cifar10_test_zeroshot"] == 0.3123
+    assert calls == [(f"model:{run / 'best'}", str(tmp_path / "cifar10" / "test"), {})]  # no per-class limit
+    (run / "summary.json").write_text(json.dumps({"best_model": None, "last_model": "x"}))
+    with pytest.raises(RuntimeError, match="no test pass"):
+        screen_levers.test_figures(run, tmp_path)
+
+
+def test_test_table_is_a_second_table_after_the_validation_one() -> None:
+    base = {k: 0.05 for k in screen_levers.RECALL_KEYS} | {"cifar10_test_zeroshot": 0.2}
+    lines = screen_levers.render_test({"baseline": base, "slip": {**base, "recall_mean": 0.06}}, 6)
+    assert (
+        "| slip | 0.0600 | +0.0100 | 0.050 / 0.050 / 0.050 | 0.050 / 0.050 / 0.050 | 0.200 | +0.000 |"
+        in lines
+    )
+    assert lines[0].startswith("The same 6-epoch runs on the test splits")
