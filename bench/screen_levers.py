@@ -161,11 +161,18 @@ def screen_one(lever: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _vs_baseline(rows: dict[str, dict[str, Any]], name: str, key: str, digits: int) -> str:
+    """``rows[name][key]`` minus the baseline's, signed; empty for the baseline itself or without one."""
+    if name == "baseline" or "baseline" not in rows:
+        return ""
+    return f"{rows[name][key] - rows['baseline'][key]:+.{digits}f}"
+
+
 def render(report: dict[str, Any]) -> str:
     """The BENCHMARKS section: one row per lever, its change from the baseline, its cost."""
     s = report["settings"]
     rows = report["results"]
-    base = rows.get("baseline")
+    z_key = "cifar10_train_zeroshot"
     lines = [
         "## Training: screening the recipe's levers (short CPU runs, validation data only)",
         "",
@@ -187,9 +194,7 @@ def render(report: dict[str, Any]) -> str:
     ]
     for name, r in rows.items():
         per_epoch = r["seconds"] / s["epochs"]
-        compare = base is not None and name != "baseline"
-        d_rec = f"{r['val_recall_mean_best'] - base['val_recall_mean_best']:+.4f}" if compare else ""
-        d_zs = f"{r['cifar10_train_zeroshot'] - base['cifar10_train_zeroshot']:+.3f}" if compare else ""
+        d_rec, d_zs = _vs_baseline(rows, name, "val_recall_mean_best", 4), _vs_baseline(rows, name, z_key, 3)
         lines.append(
             f"| {name}: {r['what']} | {r['val_recall_mean_best']:.4f} / {r['val_recall_mean_last']:.4f} | {d_rec} "
             f"| {r['cifar10_train_zeroshot']:.3f} | {d_zs} | {r['samples_per_s_median']} | {per_epoch:.0f} "
@@ -205,7 +210,6 @@ def render(report: dict[str, Any]) -> str:
 
 def render_test(test: dict[str, dict[str, float]], epochs: int) -> list[str]:
     """The second table: the same runs' test figures, read after the screen (never used to choose)."""
-    base = test.get("baseline")
     lines = [
         f"The same {epochs}-epoch runs on the test splits (`--test`, read once after the screen; nothing above "
         "chose by them): Flickr8k test, standard protocol, the run's best model by dev recall; CIFAR-10 "
@@ -216,9 +220,10 @@ def render_test(test: dict[str, dict[str, float]], epochs: int) -> list[str]:
         "|---|---:|---:|---|---|---:|---:|",
     ]
     for name, r in test.items():
-        compare = base is not None and name != "baseline"
-        d_rec = f"{r['recall_mean'] - base['recall_mean']:+.4f}" if compare else ""
-        d_zs = f"{r['cifar10_test_zeroshot'] - base['cifar10_test_zeroshot']:+.3f}" if compare else ""
+        d_rec, d_zs = (
+            _vs_baseline(test, name, "recall_mean", 4),
+            _vs_baseline(test, name, "cifar10_test_zeroshot", 3),
+        )
         lines.append(
             f"| {name} | {r['recall_mean']:.4f} | {d_rec} | {r['i2t_r1']:.3f} / {r['i2t_r5']:.3f} / "
             f"{r['i2t_r10']:.3f} | {r['t2i_r1']:.3f} / {r['t2i_r5']:.3f} / {r['t2i_r10']:.3f} "
