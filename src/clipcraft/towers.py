@@ -337,7 +337,7 @@ class ImageTower(_Lockable):
         """Store the trunk's 4-D weights, and lay out every input batch, channels-last (NHWC).
 
         Convolutional towers run faster so on CPU (oneDNN) and on GPU tensor cores: ResNet-18-D at 112 px,
-        batch 128, trains about 1.3x faster a step on a 2-core AVX2 CPU (BENCHMARKS). The same arithmetic in
+        batch 64, trains 1.31x faster a step on a 2-core AVX2 CPU (``bench/bench_memory_format.py``). The same arithmetic in
         another memory order, so the features agree with the default layout to float rounding (tested). A
         runtime setting like :meth:`set_patch_dropout`, not part of :class:`ImageTowerConfig`: saved weights
         are contiguous either way, and a saved model loads in the default layout.

@@ -90,9 +90,7 @@ class TrainConfig:
     text_unlocked_groups: int = 0
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     patch_dropout: float = 0.0  # drop this fraction of each training image's patch tokens (timm ViTs, FLIP)
-    channels_last: bool = (
-        False  # NHWC image tower weights and batches: faster convolutional towers, same result
-    )
+    channels_last: bool = False  # NHWC image tower weights and batches: faster CNN towers, same result
     # -- data
     data: str = ""  # dataset path (format detected; see clipcraft.data)
     data_format: str | None = None  # override detection: flickr | table | coco | imagefolder | webdataset
