@@ -119,32 +119,40 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def cifar_train_zeroshot(model_dir: Path, cifar_train: Path, per_class: int) -> float:
-    """Zero-shot top-1 on the first ``per_class`` CIFAR-10 *train* images of each class (a validation proxy)."""
+def cifar_zeroshot(model_dir: Path, data: Path, per_class: int | None = None) -> float:
+    """Zero-shot top-1 on CIFAR-10 images: the first ``per_class`` *train* images of each class (the validation
+    proxy), or with ``per_class=None`` every image of ``data`` (the test split, after the choice)."""
     from clipcraft import load
     from clipcraft.evaluation.runners import evaluate_zeroshot
 
-    result = evaluate_zeroshot(load(model_dir), str(cifar_train), limit_per_class=per_class)
-    return round(float(result["top1"]), 4)
+    limit = {} if per_class is None else {"limit_per_class": per_class}
+    return round(float(evaluate_zeroshot(load(model_dir), str(data), **limit)["top1"]), 4)
+
+
+def run_directory(runs: str | Path, lever: str, epochs: int, seed: int) -> Path:
+    """Where one screening run trains."""
+    return Path(runs) / f"{lever}-e{epochs}-s{seed}"
+
+
+def best_model(run_dir: Path) -> Path:
+    """A finished run's best model by dev recall (its last model when it kept no best)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return Path(summary["best_model"] or summary["last_model"])
 
 
 def test_figures(run_dir: Path, cifar_test: Path) -> dict[str, Any]:
     """A finished run's test figures: Flickr8k test recalls of its best model (from ``summary.json``) and
     CIFAR-10 zero-shot top-1 on every image of ``cifar_test``."""
-    from clipcraft import load
-    from clipcraft.evaluation.runners import evaluate_zeroshot
-
     summary = json.loads((run_dir / "summary.json").read_text())
     if "test_recall_mean" not in summary:
         raise RuntimeError(f"{run_dir}/summary.json has no test pass")
     out = {k: round(float(summary[f"test_{k}"]), 4) for k in RECALL_KEYS}
-    model = Path(summary["best_model"] or summary["last_model"])
-    out["cifar10_test_zeroshot"] = round(float(evaluate_zeroshot(load(model), str(cifar_test))["top1"]), 4)
+    out["cifar10_test_zeroshot"] = cifar_zeroshot(best_model(run_dir), cifar_test)
     return out
 
 
 def screen_one(lever: str, args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = Path(args.runs) / f"{lever}-e{args.epochs}-s{args.seed}"
+    run_dir = run_directory(args.runs, lever, args.epochs, args.seed)
     cmd = train_command(
         lever, args.epochs, args.seed, run_dir, Path(args.cache_dir) if args.cache_dir else None
     )
@@ -154,9 +162,8 @@ def screen_one(lever: str, args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     out = {"what": LEVERS[lever][0], "overrides": LEVERS[lever][1], "seconds": round(seconds, 1)}
     out.update(read_run(run_dir))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    out["cifar10_train_zeroshot"] = cifar_train_zeroshot(
-        Path(summary["best_model"] or summary["last_model"]), Path(args.cifar_train), args.cifar_per_class
+    out["cifar10_train_zeroshot"] = cifar_zeroshot(
+        best_model(run_dir), Path(args.cifar_train), args.cifar_per_class
     )
     return out
 
@@ -241,7 +248,8 @@ def add_test_figures(out: Path, section: Path, args: argparse.Namespace) -> int:
         if lever in test and not args.rerun:
             continue
         print(f"== {lever}: test figures", flush=True)
-        run_dir = Path(args.runs) / f"{lever}-e{report['settings']['epochs']}-s{report['settings']['seed']}"
+        settings = report["settings"]
+        run_dir = run_directory(args.runs, lever, settings["epochs"], settings["seed"])
         test[lever] = test_figures(run_dir, Path(args.cifar_test))
         out.write_text(json.dumps(report, indent=1) + "\n")
     section.write_text(render(report))
