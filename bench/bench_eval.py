@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -126,7 +127,15 @@ def main(argv: list[str] | None = None) -> int:
                     cache_dir=args.cache_dir,
                 )
             else:
-                result = _probe_limited(model, data, args, settings)
+                result = probe_cifar(
+                    model,
+                    data / "cifar10",
+                    args.cifar_train_per_class,
+                    args.cifar_test_per_class,
+                    features=args.features,
+                    settings=settings,
+                    cache_dir=args.cache_dir,
+                )
             images = result["num_train"] + result["num_images"] + result["num_skipped"]
         else:
             raise SystemExit(f"unknown task {task!r}; known: retrieval, zeroshot, linear-probe")
@@ -141,8 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _probe_limited(model, data: Path, args: argparse.Namespace, settings) -> dict:  # type: ignore[no-untyped-def]
-    """The probe with separate per-class limits for train and test (the runner takes one limit for both)."""
+def probe_cifar(
+    model: Any,
+    cifar: Path,
+    train_per_class: int | None,
+    test_per_class: int | None,
+    *,
+    features: str = "post",
+    settings: Any = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The CIFAR-10 linear probe with separate per-class limits for train and test (the runner takes one limit
+    for both); ``None`` keeps every image of that split. ``cifar`` holds the ``train`` and ``test`` class folders."""
     import tempfile
 
     from clipcraft.evaluation.runners import evaluate_linear_probe
@@ -152,9 +171,9 @@ def _probe_limited(model, data: Path, args: argparse.Namespace, settings) -> dic
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         paths = {}
         described = {}
-        for split, limit in (("train", args.cifar_train_per_class), ("test", args.cifar_test_per_class)):
+        for split, limit in (("train", train_per_class), ("test", test_per_class)):
             rows = ["image,label"]
-            root = data / "cifar10" / split
+            root = cifar / split
             for cls in sorted(d.name for d in root.iterdir() if d.is_dir()):
                 files = sorted(str(p) for p in (root / cls).iterdir() if p.suffix.lower() == ".jpg")
                 rows += [f"{f},{cls}" for f in (files if limit is None else files[:limit])]
@@ -162,12 +181,7 @@ def _probe_limited(model, data: Path, args: argparse.Namespace, settings) -> dic
             paths[split].write_text("\n".join(rows) + "\n")
             described[split] = f"{root} (first {limit or 'all'} images per class)"
         result = evaluate_linear_probe(
-            model,
-            paths["train"],
-            paths["test"],
-            features=args.features,
-            settings=settings,
-            cache_dir=args.cache_dir,
+            model, paths["train"], paths["test"], features=features, settings=settings, cache_dir=cache_dir
         )
     result["train_data"], result["test_data"] = described["train"], described["test"]
     return result

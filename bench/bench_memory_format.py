@@ -73,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    report = {
+    report: dict[str, Any] = {
         "command": ".venv/bin/python bench/bench_memory_format.py " + " ".join(argv or sys.argv[1:]),
         "machine": {**cpu_info(), "cores": os.cpu_count(), "torch": torch.__version__},
         "settings": {k: getattr(args, k) for k in ("size", "batch", "warmup", "steps")},
-        "results": step_seconds(args.models, args.size, args.batch, args.warmup, args.steps),
+        "results": {},
     }
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    for name in args.models:  # written after each model, so a run cut short keeps what it measured
+        report["results"].update(step_seconds([name], args.size, args.batch, args.warmup, args.steps))
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print("| image tower | NCHW samples/s | channels-last samples/s | speed-up |\n|---|---:|---:|---:|")
     for name, r in report["results"].items():
         print(f"| {name} | {r['nchw_samples_per_s']} | {r['nhwc_samples_per_s']} | {r['speedup']}x |")

@@ -19,8 +19,10 @@ Flickr8k test at the end of each run; the screen does not read those figures.
 
 After the choice, ``--test`` adds the final figures of every screened run, read from the test splits once:
 Flickr8k **test** mean recall of the run's best model (the trainer's own end-of-run test pass, standard
-protocol) and CIFAR-10 zero-shot on all 10,000 **test** images. They go to the results' ``test`` block and a
-second table; nothing in the screen's choice reads them.
+protocol), CIFAR-10 zero-shot on all 10,000 **test** images and the CIFAR-10 linear probe (the first
+``--probe-train-per-class`` train images of each class, every test image). They go to the results' ``test``
+block and a second table; nothing in the screen's choice reads them. Figures already there are not measured
+again (``--rerun`` to redo them).
 
     .venv/bin/python bench/screen_levers.py --epochs 6 --test
 
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval import probe_cifar  # noqa: E402
 from bench_precision import cpu_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +55,14 @@ DATA = ROOT.parent / "shared" / "data"
 # patch dropout (it drops ViT tokens).
 CNN_112 = ["model_overrides.image.model_kwargs={}", "model_overrides.image.preprocess.input_size=[3,112,112]",
            "patch_dropout=0"]  # fmt: skip
+
+
+def _cnn_channels_last(timm_name: str, label: str, params: str) -> tuple[str, list[str]]:
+    """A timm CNN tower lever, trained channels-last: its description and overrides."""
+    what = f"{label} image tower ({params} parameters, channels-last) instead of ViT-Tiny, 112 px; no patch "
+    what += "dropout (ViT only)"
+    return what, [f"model_overrides.image.name={timm_name}", *CNN_112, "channels_last=true"]
+
 
 # name -> (what it changes, the overrides on top of the recipe). Values are the literature's or the
 # documented ones; the screen looks for a direction, not a tuned value.
@@ -80,6 +91,9 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
         "ResNet-18-D image tower instead of ViT-Tiny, 112 px; no patch dropout (ViT only)",
         ["model_overrides.image.name=resnet18d", *CNN_112],
     ),
+    "resnet10t": _cnn_channels_last("resnet10t", "ResNet-10-T", "4.9M"),
+    "mobilenetv4": _cnn_channels_last("mobilenetv4_conv_small", "MobileNetV4-conv-small", "2.5M"),
+    "mobilenetv3": _cnn_channels_last("mobilenetv3_large_100", "MobileNetV3-large", "4.2M"),
     "unlock_minilm": (
         "MiniLM's last layer unlocked at 1e-5: no caption cache, so one caption per image a step",
         ["text_unlocked_groups=1", "lr_text_tower=1e-5", "captions_per_image=1"],
@@ -119,14 +133,16 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def cifar_zeroshot(model_dir: Path, data: Path, per_class: int | None = None) -> float:
-    """Zero-shot top-1 on CIFAR-10 images: the first ``per_class`` *train* images of each class (the validation
-    proxy), or with ``per_class=None`` every image of ``data`` (the test split, after the choice)."""
-    from clipcraft import load
+def cifar_zeroshot(
+    model: Any, data: Path, per_class: int | None = None, cache_dir: Path | None = None
+) -> float:
+    """Zero-shot top-1 of a loaded model on CIFAR-10 images: the first ``per_class`` *train* images of each class
+    (the validation proxy), or with ``per_class=None`` every image of ``data`` (the test split, after the
+    choice)."""
     from clipcraft.evaluation.runners import evaluate_zeroshot
 
     limit = {} if per_class is None else {"limit_per_class": per_class}
-    return round(float(evaluate_zeroshot(load(model_dir), str(data), **limit)["top1"]), 4)
+    return round(float(evaluate_zeroshot(model, str(data), cache_dir=cache_dir, **limit)["top1"]), 4)
 
 
 def run_directory(runs: str | Path, lever: str, epochs: int, seed: int) -> Path:
@@ -140,18 +156,36 @@ def best_model(run_dir: Path) -> Path:
     return Path(summary["best_model"] or summary["last_model"])
 
 
-def test_figures(run_dir: Path, cifar_test: Path) -> dict[str, Any]:
-    """A finished run's test figures: Flickr8k test recalls of its best model (from ``summary.json``) and
-    CIFAR-10 zero-shot top-1 on every image of ``cifar_test``."""
+def test_figures(
+    run_dir: Path, cifar: Path, known: dict[str, Any] | None = None, probe_train_per_class: int = 1000
+) -> dict[str, Any]:
+    """A finished run's test figures: Flickr8k test recalls of its best model (from ``summary.json``), CIFAR-10
+    zero-shot top-1 on every image of ``cifar/test`` and the CIFAR-10 linear probe (logistic regression on the
+    first ``probe_train_per_class`` images of each ``cifar/train`` class, L2 chosen on a split of them, scored on
+    every test image). Figures already in ``known`` are kept, not measured again; the two CIFAR passes share an
+    embedding cache in ``run_dir/eval-cache``, so the test images are encoded once."""
+    from clipcraft import load
+
     summary = json.loads((run_dir / "summary.json").read_text())
     if "test_recall_mean" not in summary:
         raise RuntimeError(f"{run_dir}/summary.json has no test pass")
-    out = {k: round(float(summary[f"test_{k}"]), 4) for k in RECALL_KEYS}
-    out["cifar10_test_zeroshot"] = cifar_zeroshot(best_model(run_dir), cifar_test)
+    out = dict(known or {})
+    out.update({k: round(float(summary[f"test_{k}"]), 4) for k in RECALL_KEYS})
+    if "cifar10_test_zeroshot" in out and "cifar10_linear_probe" in out:
+        return out
+    model, cache = load(best_model(run_dir)), run_dir / "eval-cache"
+    if "cifar10_test_zeroshot" not in out:
+        out["cifar10_test_zeroshot"] = cifar_zeroshot(model, cifar / "test", cache_dir=cache)
+    if "cifar10_linear_probe" not in out:
+        probe = probe_cifar(model, cifar, probe_train_per_class, None, cache_dir=cache)
+        out["cifar10_linear_probe"] = round(float(probe["top1"]), 4)
+        out["linear_probe_l2"] = probe["l2"]
     return out
 
 
 def screen_one(lever: str, args: argparse.Namespace) -> dict[str, Any]:
+    from clipcraft import load
+
     run_dir = run_directory(args.runs, lever, args.epochs, args.seed)
     cmd = train_command(
         lever, args.epochs, args.seed, run_dir, Path(args.cache_dir) if args.cache_dir else None
@@ -163,7 +197,7 @@ def screen_one(lever: str, args: argparse.Namespace) -> dict[str, Any]:
     out = {"what": LEVERS[lever][0], "overrides": LEVERS[lever][1], "seconds": round(seconds, 1)}
     out.update(read_run(run_dir))
     out["cifar10_train_zeroshot"] = cifar_zeroshot(
-        best_model(run_dir), Path(args.cifar_train), args.cifar_per_class
+        load(best_model(run_dir)), Path(args.cifar_train), args.cifar_per_class
     )
     return out
 
@@ -211,49 +245,62 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {name}: {LEVERS.get(name, ('?', []))[0]} | failed: {why} | | | | | | | |")
     lines.append("")
     if report.get("test"):
-        lines += render_test(report["test"], s["epochs"])
+        probe_n = report.get("test_settings", {}).get("probe_train_per_class", 1000)
+        lines += render_test(report["test"], s["epochs"], probe_n)
     return "\n".join(lines) + "\n"
 
 
-def render_test(test: dict[str, dict[str, float]], epochs: int) -> list[str]:
+def render_test(
+    test: dict[str, dict[str, float]], epochs: int, probe_train_per_class: int = 1000
+) -> list[str]:
     """The second table: the same runs' test figures, read after the screen (never used to choose)."""
     lines = [
         f"The same {epochs}-epoch runs on the test splits (`--test`, read once after the screen; nothing above "
         "chose by them): Flickr8k test, standard protocol, the run's best model by dev recall; CIFAR-10 "
-        "zero-shot on all 10,000 test images.",
+        "zero-shot on all 10,000 test images; CIFAR-10 linear probe (logistic regression on the normalized "
+        f"image embeddings of the first {probe_train_per_class} train images per class, L2 chosen on a fifth "
+        "of them, scored on all 10,000 test images).",
         "",
         "| lever | test mean recall | vs baseline | i2t R@1 / R@5 / R@10 | t2i R@1 / R@5 / R@10 "
-        "| CIFAR-10 test zero-shot | vs baseline |",
-        "|---|---:|---:|---|---|---:|---:|",
+        "| CIFAR-10 test zero-shot | vs baseline | CIFAR-10 linear probe | vs baseline |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|",
     ]
+    has_probe = {name for name, r in test.items() if "cifar10_linear_probe" in r}
     for name, r in test.items():
         d_rec, d_zs = (
             _vs_baseline(test, name, "recall_mean", 4),
             _vs_baseline(test, name, "cifar10_test_zeroshot", 3),
         )
+        probe = d_probe = "not run"
+        if name in has_probe:
+            probe = f"{r['cifar10_linear_probe']:.3f}"
+            d_probe = _vs_baseline(test, name, "cifar10_linear_probe", 3) if "baseline" in has_probe else ""
         lines.append(
             f"| {name} | {r['recall_mean']:.4f} | {d_rec} | {r['i2t_r1']:.3f} / {r['i2t_r5']:.3f} / "
             f"{r['i2t_r10']:.3f} | {r['t2i_r1']:.3f} / {r['t2i_r5']:.3f} / {r['t2i_r10']:.3f} "
-            f"| {r['cifar10_test_zeroshot']:.3f} | {d_zs} |"
+            f"| {r['cifar10_test_zeroshot']:.3f} | {d_zs} | {probe} | {d_probe} |"
         )
     lines.append("")
     return lines
 
 
 def add_test_figures(out: Path, section: Path, args: argparse.Namespace) -> int:
-    """Read each screened run's test figures into ``report["test"]`` (skipping those already there)."""
+    """Read each screened run's test figures into ``report["test"]`` (only those not there yet, unless
+    ``--rerun``)."""
     report = json.loads(out.read_text())
     test = report.setdefault("test", {})
     for lever in report["results"]:
-        if lever in test and not args.rerun:
+        known = {} if args.rerun else test.get(lever, {})
+        if "cifar10_linear_probe" in known:
             continue
         print(f"== {lever}: test figures", flush=True)
         settings = report["settings"]
         run_dir = run_directory(args.runs, lever, settings["epochs"], settings["seed"])
-        test[lever] = test_figures(run_dir, Path(args.cifar_test))
+        test[lever] = test_figures(run_dir, Path(args.cifar), known, args.probe_train_per_class)
+        report["test_settings"] = {"probe_train_per_class": args.probe_train_per_class}
         out.write_text(json.dumps(report, indent=1) + "\n")
     section.write_text(render(report))
-    print("\n".join(render_test(test, report["settings"]["epochs"])))
+    print("\n".join(render_test(test, report["settings"]["epochs"], args.probe_train_per_class)))
     return 0
 
 
@@ -269,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", action="store_true", help="run levers already in --out again")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lever-screen.json"))
     p.add_argument("--section", default=str(ROOT / "bench" / "sections" / "levers.md"))
-    p.add_argument("--cifar-test", default=str(DATA / "cifar10" / "test"))
+    p.add_argument("--cifar", default=str(DATA / "cifar10"), help="CIFAR-10 train/ and test/ for --test")
+    p.add_argument("--probe-train-per-class", type=int, default=1000, help="linear-probe training images")
     p.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON")
     p.add_argument(
         "--test",

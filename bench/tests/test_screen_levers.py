@@ -37,6 +37,15 @@ def test_every_lever_is_the_recipe_plus_its_own_change() -> None:
             c.model_overrides["image.name"] == "convnext_atto" and c.patch_dropout == 0
         ),
         "resnet18d": lambda c: c.model_overrides["image.preprocess.input_size"] == [3, 112, 112],
+        "resnet10t": lambda c: c.model_overrides["image.name"] == "resnet10t" and c.channels_last,
+        "mobilenetv4": lambda c: (
+            c.model_overrides["image.name"] == "mobilenetv4_conv_small"
+            and c.channels_last
+            and c.patch_dropout == 0
+        ),
+        "mobilenetv3": lambda c: (
+            c.model_overrides["image.name"] == "mobilenetv3_large_100" and c.channels_last
+        ),
         "unlock_minilm": lambda c: c.text_unlocked_groups == 1 and c.captions_per_image == 1,
     }
     assert set(expected) | {"baseline"} == set(screen_levers.LEVERS)
@@ -91,7 +100,7 @@ def test_table_shows_each_levers_change_from_the_baseline() -> None:
     assert "| slip: SLIP" in text and "failed: exit status 1" in text
 
 
-def test_test_figures_read_the_trainers_test_pass_and_all_cifar_test_images(
+def test_test_figures_read_the_trainers_test_pass_all_cifar_test_images_and_the_probe(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     import clipcraft
@@ -103,25 +112,52 @@ def test_test_figures_read_the_trainers_test_pass_and_all_cifar_test_images(
     (run / "summary.json").write_text(
         json.dumps({**summary, "best_model": str(run / "best"), "last_model": "x"})
     )
-    calls: list[tuple[Any, str, dict[str, Any]]] = []
+    calls: list[tuple[Any, ...]] = []
     monkeypatch.setattr(clipcraft, "load", lambda path: f"model:{path}")
     monkeypatch.setattr(
         runners, "evaluate_zeroshot", lambda m, data, **kw: calls.append((m, data, kw)) or {"top1": 0.31234}
     )
-    got = screen_levers.test_figures(run, tmp_path / "cifar10" / "test")
+    monkeypatch.setattr(
+        screen_levers,
+        "probe_cifar",
+        lambda m, cifar, n_train, n_test, **kw: (
+            calls.append((m, cifar, n_train, n_test, kw)) or {"top1": 0.51234, "l2": 0.001}
+        ),
+    )
+    cifar = tmp_path / "cifar10"
+    got = screen_levers.test_figures(run, cifar, probe_train_per_class=1000)
     assert got["recall_mean"] == 0.1 and got["t2i_r10"] == 0.16
-    assert got["cifar10_test_zeroshot"] == 0.3123
-    assert calls == [(f"model:{run / 'best'}", str(tmp_path / "cifar10" / "test"), {})]  # no per-class limit
+    assert got["cifar10_test_zeroshot"] == 0.3123 and got["cifar10_linear_probe"] == 0.5123
+    cache = {"cache_dir": run / "eval-cache"}  # one cache: the test images are encoded once
+    assert calls == [
+        (f"model:{run / 'best'}", str(cifar / "test"), cache),  # no per-class limit: every test image
+        (f"model:{run / 'best'}", cifar, 1000, None, cache),
+    ]
+    # Figures already measured are kept: only the missing probe runs.
+    calls.clear()
+    again = screen_levers.test_figures(run, cifar, {"cifar10_test_zeroshot": 0.2}, probe_train_per_class=10)
+    assert again["cifar10_test_zeroshot"] == 0.2 and [c[2] for c in calls] == [10]
+    calls.clear()
+    assert screen_levers.test_figures(run, cifar, got) == got and calls == []
     (run / "summary.json").write_text(json.dumps({"best_model": None, "last_model": "x"}))
     with pytest.raises(RuntimeError, match="no test pass"):
         screen_levers.test_figures(run, tmp_path)
 
 
 def test_test_table_is_a_second_table_after_the_validation_one() -> None:
-    base = {k: 0.05 for k in screen_levers.RECALL_KEYS} | {"cifar10_test_zeroshot": 0.2}
-    lines = screen_levers.render_test({"baseline": base, "slip": {**base, "recall_mean": 0.06}}, 6)
+    base = {k: 0.05 for k in screen_levers.RECALL_KEYS} | {
+        "cifar10_test_zeroshot": 0.2,
+        "cifar10_linear_probe": 0.5,
+    }
+    lines = screen_levers.render_test(
+        {"baseline": base, "slip": {**base, "recall_mean": 0.06, "cifar10_linear_probe": 0.52}}, 6, 1000
+    )
     assert (
-        "| slip | 0.0600 | +0.0100 | 0.050 / 0.050 / 0.050 | 0.050 / 0.050 / 0.050 | 0.200 | +0.000 |"
-        in lines
+        "| slip | 0.0600 | +0.0100 | 0.050 / 0.050 / 0.050 | 0.050 / 0.050 / 0.050 | 0.200 | +0.000 "
+        "| 0.520 | +0.020 |" in lines
     )
     assert lines[0].startswith("The same 6-epoch runs on the test splits")
+    assert "first 1000 train images per class" in lines[0]
+    # A run whose probe was not measured says so rather than showing a number.
+    partial = {"baseline": base, "ema": {k: v for k, v in base.items() if k != "cifar10_linear_probe"}}
+    assert screen_levers.render_test(partial, 6)[-2].endswith("| not run | not run |")
