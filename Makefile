@@ -32,7 +32,7 @@ lock: $(STAMP)
 	$(PY) -m pip freeze --all --exclude-editable --exclude clipcraft --exclude pip | LC_ALL=C sort > requirements.lock
 
 # BENCHMARKS.md is bench/HEADER.md followed by the sections the benchmark write-ups keep in bench/sections/.
-BENCH_SECTIONS := train levers eval search server scale finetune adapt export precision
+BENCH_SECTIONS := train levers levers-native-bf16 eval search server scale finetune adapt export precision
 benchmarks-md:
 	cat bench/HEADER.md $(foreach s,$(BENCH_SECTIONS),$(wildcard bench/sections/$(s).md)) > BENCHMARKS.md
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,18 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
         "MiniLM's last layer unlocked at 1e-5: no caption cache, so one caption per image a step",
         ["text_unlocked_groups=1", "lr_text_tower=1e-5", "captions_per_image=1"],
     ),
+    "bf16": (
+        "bf16 autocast (what the recipe's precision=auto picks on a CPU with AVX512-BF16 or AMX)",
+        ["precision=bf16"],
+    ),
 }
+
+# The recipe says precision=auto, which is bf16 on a CPU with native bf16 and fp32 elsewhere: the screen pins
+# fp32 so that every lever but "bf16" trains the same numbers on every machine.
+PINNED = ["precision=fp32"]
+
+
+TITLE = "Training: screening the recipe's levers (short CPU runs, validation data only)"
 
 
 def train_command(lever: str, epochs: int, seed: int, run_dir: Path, cache_dir: Path | None) -> list[str]:
@@ -108,7 +120,7 @@ def train_command(lever: str, epochs: int, seed: int, run_dir: Path, cache_dir: 
     cmd += [f"epochs={epochs}", f"seed={seed}", f"output_dir={run_dir}", "example_sheet=false"]
     if cache_dir is not None:
         cmd.append(f"cache_dir={cache_dir}")
-    return cmd + overrides
+    return cmd + PINNED + overrides  # a lever's own precision comes last, so it wins
 
 
 RECALL_KEYS = ("recall_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -202,6 +214,11 @@ def screen_one(lever: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two ``cpu_info`` records name the same kind of CPU: model, core count and native bf16."""
+    return all(a.get(k) == b.get(k) for k in ("model", "cores", "native_bf16"))
+
+
 def _vs_baseline(rows: dict[str, dict[str, Any]], name: str, key: str, digits: int) -> str:
     """``rows[name][key]`` minus the baseline's, signed; empty for the baseline itself or without one."""
     if name == "baseline" or "baseline" not in rows:
@@ -215,16 +232,18 @@ def render(report: dict[str, Any]) -> str:
     rows = report["results"]
     z_key = "cifar10_train_zeroshot"
     lines = [
-        "## Training: screening the recipe's levers (short CPU runs, validation data only)",
+        f"## {report.get('title', TITLE)}",
         "",
         f"`{report['command']}` on {report['machine']['model']} ({report['machine']['cores']} cores, native "
         f"bf16: {'yes' if report['machine']['native_bf16'] else 'no'}). Each row is the recipe with one lever, "
-        f"{s['epochs']} epochs (the cosine schedule compressed into them), seed {s['seed']}, one run at a time. "
+        f"{s['epochs']} epochs (the cosine schedule compressed into them), seed {s['seed']}, one run at a time, "
+        "in fp32 (pinned: the recipe's precision=auto would pick bf16 on a CPU with native bf16) except the "
+        "bf16 lever. "
         "Scores are validation proxies only: Flickr8k dev mean recall (1,000 images x 5,000 captions; best "
         f"epoch / last) and CIFAR-10 zero-shot top-1 on the first {s['cifar_per_class']} *train* images of each "
         "class, with the run's best model. Time per epoch is the run's whole wall time over its epochs (start-up, "
         "validation, the final test pass and the zero-shot proxy included, so it overstates a long run's cost: "
-        "the 58-epoch recipe runs at about 56 s an epoch); the 60-minute column is how many epochs of that cost "
+        "the 58-epoch recipe runs at about 56 s an epoch on the AVX2-only CPU); the 60-minute column is how many epochs of that cost "
         "fit the recipe's hour, a lower bound. Seed noise at this "
         "length: two seeds of one setting differ by about 0.004 in dev recall (`bench/results/"
         "temperature-ablation.json`), so a difference under 0.005 is not a finding.",
@@ -318,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", default=str(ROOT / "bench" / "sections" / "levers.md"))
     p.add_argument("--cifar", default=str(DATA / "cifar10"), help="CIFAR-10 train/ and test/ for --test")
     p.add_argument("--probe-train-per-class", type=int, default=1000, help="linear-probe training images")
+    p.add_argument("--title", default=TITLE, help="the section's heading")
     p.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON")
     p.add_argument(
         "--test",
@@ -338,11 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("epochs", "seed", "cifar_per_class")}
     if report.get("settings", settings) != settings:
         p.error(f"{out} holds a screen with other settings ({report['settings']}); pass another --out")
+    machine = {**cpu_info(), "cores": os.cpu_count()}
+    if not same_machine(report.get("machine", machine), machine):
+        p.error(f"{out} was screened on another kind of CPU ({report['machine']}): its speeds would not compare "
+                "with this one's; pass another --out")  # fmt: skip
     report.update(
         command=".venv/bin/python bench/screen_levers.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine={**cpu_info(), "cores": os.cpu_count()},
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        machine=machine,
         settings=settings,
+        title=args.title,
     )
     for lever in args.levers.split(","):
         if lever in report["results"] and not args.rerun:

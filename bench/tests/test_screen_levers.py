@@ -47,6 +47,7 @@ def test_every_lever_is_the_recipe_plus_its_own_change() -> None:
             c.model_overrides["image.name"] == "mobilenetv3_large_100" and c.channels_last
         ),
         "unlock_minilm": lambda c: c.text_unlocked_groups == 1 and c.captions_per_image == 1,
+        "bf16": lambda c: c.run.precision == "bf16",
     }
     assert set(expected) | {"baseline"} == set(screen_levers.LEVERS)
     for lever, check in expected.items():
@@ -64,6 +65,36 @@ def test_train_command_shortens_the_schedule_and_shares_the_cache(tmp_path: Path
     assert {"epochs=7", "seed=3", f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"} <= set(
         cmd
     )
+
+
+def _command_config(cmd: list[str]) -> TrainConfig:
+    overrides = cmd[cmd.index("--config") + 2 :]
+    return from_flat(TrainConfig, gather_config(None, screen_levers.RECIPE, {}, overrides))
+
+
+def test_every_lever_but_bf16_trains_in_fp32_whatever_the_machine(tmp_path: Path) -> None:
+    # The recipe's precision=auto differs between CPUs; the screen's runs must not.
+    assert _config("baseline").run.precision == "auto"
+    for lever in screen_levers.LEVERS:
+        config = _command_config(screen_levers.train_command(lever, 6, 0, tmp_path / lever, None))
+        assert config.run.precision == ("bf16" if lever == "bf16" else "fp32"), lever
+
+
+def test_a_screen_refuses_rows_from_another_kind_of_cpu(tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "screen.json"
+    avx2 = {"model": "AMD EPYC", "bf16_flags": [], "native_bf16": False, "avx2": True}
+    bf16 = {**avx2, "bf16_flags": ["avx512_bf16"], "native_bf16": True}
+    settings = {"epochs": 6, "seed": 0, "cifar_per_class": 200}
+    out.write_text(json.dumps({"results": {}, "failed": {}, "settings": settings,
+                               "machine": {**avx2, "cores": 2}}))  # fmt: skip
+    monkeypatch.setattr(screen_levers, "cpu_info", lambda: bf16)
+    monkeypatch.setattr(screen_levers.os, "cpu_count", lambda: 2)
+    argv = ["--epochs", "6", "--levers", "baseline", "--out", str(out), "--section", str(tmp_path / "s.md")]
+    with pytest.raises(SystemExit):
+        screen_levers.main(argv)
+    assert "another kind of CPU" in capsys.readouterr().err
+    assert screen_levers.same_machine({**avx2, "cores": 2}, {**avx2, "cores": 2})
+    assert not screen_levers.same_machine({**avx2, "cores": 2}, {**avx2, "cores": 4})
 
 
 def _metrics(run: Path, recalls: list[float]) -> None:
