@@ -45,11 +45,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ab_train  # noqa: E402
 from bench_eval import probe_cifar  # noqa: E402
 from bench_precision import cpu_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "flickr8k-minilm-vit-tiny.yaml"
+RECIPE = ab_train.RECIPE
 DATA = ROOT.parent / "shared" / "data"
 
 # A timm CNN in place of the recipe's ViT: the same 112 px input and 0.5 mean/std, no ViT-only kwargs, and no
@@ -114,13 +115,11 @@ TITLE = "Training: screening the recipe's levers (short CPU runs, validation dat
 
 
 def train_command(lever: str, epochs: int, seed: int, run_dir: Path, cache_dir: Path | None) -> list[str]:
-    """The ``clipcraft train`` command line of one screening run."""
-    _, overrides = LEVERS[lever]
-    cmd = [sys.executable, "-m", "clipcraft", "train", "--config", str(RECIPE)]
-    cmd += [f"epochs={epochs}", f"seed={seed}", f"output_dir={run_dir}", "example_sheet=false"]
-    if cache_dir is not None:
-        cmd.append(f"cache_dir={cache_dir}")
-    return cmd + PINNED + overrides  # a lever's own precision comes last, so it wins
+    """The ``clipcraft train`` command line of one screening run (a lever's own precision comes last, so it
+    wins over the pinned one)."""
+    return ab_train.train_command(
+        RECIPE, [f"seed={seed}", *PINNED, *LEVERS[lever][1]], epochs, run_dir, cache_dir
+    )
 
 
 RECALL_KEYS = ("recall_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
