@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", default=str(ROOT / "bench" / "sections" / "levers.md"))
     p.add_argument("--cifar", default=str(DATA / "cifar10"), help="CIFAR-10 train/ and test/ for --test")
     p.add_argument("--probe-train-per-class", type=int, default=1000, help="linear-probe training images")
-    p.add_argument("--title", default=TITLE, help="the section's heading")
+    p.add_argument("--title", default=None, help="the section's heading (default: the file's own, or TITLE)")
     p.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON")
     p.add_argument(
         "--test",
@@ -359,14 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{out} holds a screen with other settings ({report['settings']}); pass another --out")
     machine = {**cpu_info(), "cores": os.cpu_count()}
     if not same_machine(report.get("machine", machine), machine):
-        p.error(f"{out} was screened on another kind of CPU ({report['machine']}): its speeds would not compare "
-                "with this one's; pass another --out")  # fmt: skip
+        why = f"{out} was screened on another kind of CPU ({report['machine']}): its speeds would not compare"
+        p.error(why + " with this one's; pass another --out")
     report.update(
         command=".venv/bin/python bench/screen_levers.py "
         + shlex.join(argv if argv is not None else sys.argv[1:]),
         machine=machine,
         settings=settings,
-        title=args.title,
+        title=args.title or report.get("title", TITLE),  # a file keeps its heading when --title is not given
     )
     for lever in args.levers.split(","):
         if lever in report["results"] and not args.rerun:
